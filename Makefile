@@ -1,0 +1,45 @@
+# torchgc's two commands: `make demo` (the main job) and `make test` (every test). Both set
+# everything up themselves: a virtual environment pinned by tests/constraints.txt, the op library
+# built through CMake, and GoogleTest for the C++ tests.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+CONSTRAINTS := tests/constraints.txt
+MAX_JOBS ?= 2
+BUILD_DIR ?= build/cmake
+export MAX_JOBS
+
+# Everything the tests and the demo need; versions come from the constraints file.
+TEST_DEPS := torch transformers peft accelerate trl datasets pytest numpy matplotlib tqdm psutil cmake setuptools wheel
+
+.PHONY: venv gtest build test pytest ctest demo clean
+
+venv: $(VENV)/.installed
+$(VENV)/.installed: $(CONSTRAINTS)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet -c $(CONSTRAINTS) $(TEST_DEPS)
+	touch $@
+
+# GoogleTest for the C++ tests, from Debian's packages when it is not installed yet.
+gtest:
+	@test -f /usr/include/gtest/gtest.h || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq libgtest-dev >/dev/null; \
+	  else echo "make: GoogleTest is missing; install Debian's libgtest-dev (sudo apt-get install libgtest-dev)"; exit 1; fi; }
+
+# The op library, in place (editable install), with the C++ tests built by the same CMake run.
+build: venv gtest
+	TORCHGC_BUILD_TESTS=ON TORCHGC_BUILD_DIR=$(BUILD_DIR) $(PY) -m pip install --quiet --no-build-isolation --no-deps -e .
+
+ctest: build
+	cd $(BUILD_DIR) && ctest --output-on-failure --no-tests=error
+
+pytest: build
+	$(PY) -m pytest -q -ra $(PYTEST_ARGS)
+
+test: ctest pytest
+
+demo: build
+	$(PY) -m torchgc.demo
+
+clean:
+	rm -rf build torchgc/_C*.so *.egg-info

@@ -1,0 +1,44 @@
+// Every torchgc op schema, in one place. Kernels are registered per backend in cpu/ and cuda/.
+#include <torch/library.h>
+
+#include "torchgc/host_pool.h"
+
+namespace torchgc {
+namespace {
+
+std::vector<int64_t> host_pool_stats() {
+  const auto s = HostPool::instance().stats();
+  return {s.reserved_bytes, s.in_use_bytes, s.limit_bytes, s.pinned_fallbacks};
+}
+
+void set_host_pool_limit(int64_t bytes) { HostPool::instance().set_limit(bytes); }
+
+void empty_host_pool() { HostPool::instance().empty_cache(); }
+
+// What the library was built against: [torch version, "cuda" or "cpu", CUDA architectures].
+std::vector<std::string> build_info() {
+#ifdef TORCHGC_WITH_CUDA
+  const char* backends = "cuda";
+#else
+  const char* backends = "cpu";
+#endif
+  return {TORCHGC_TORCH_VERSION, backends, TORCHGC_CUDA_ARCHS};
+}
+
+}  // namespace
+}  // namespace torchgc
+
+TORCH_LIBRARY(torchgc, m) {
+  // Activation offloading. offload copies x to host memory (asynchronously on CUDA); reload
+  // starts the copy back to `device` and returns at once; wait makes the current stream wait
+  // for a pending reload into x, just before its first use.
+  m.def("offload(Tensor x) -> Tensor");
+  m.def("reload(Tensor host, Device device) -> Tensor");
+  m.def("wait(Tensor(a!) x) -> ()");
+
+  // Host pool bookkeeping: [reserved_bytes, in_use_bytes, limit_bytes, pinned_fallbacks].
+  m.def("host_pool_stats() -> int[]", &torchgc::host_pool_stats);
+  m.def("set_host_pool_limit(int bytes) -> ()", &torchgc::set_host_pool_limit);
+  m.def("empty_host_pool() -> ()", &torchgc::empty_host_pool);
+  m.def("build_info() -> str[]", &torchgc::build_info);
+}

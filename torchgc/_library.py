@@ -1,0 +1,52 @@
+"""Finds and loads torchgc's op library, once, and checks it matches the running torch."""
+
+import importlib.machinery
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+
+_PACKAGE_DIR = Path(__file__).resolve().parent
+_REBUILD = "pip install --no-build-isolation --force-reinstall --no-deps <torchgc source dir>  (or `make build` in a checkout)"
+
+
+class BuildInfo(NamedTuple):
+    torch_version: str
+    with_cuda: bool
+    cuda_archs: str
+
+
+def _library_path() -> Path:
+    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+        candidate = _PACKAGE_DIR / f"_C{suffix}"
+        if candidate.exists():
+            return candidate
+    raise ImportError(
+        f"torchgc: the op library (torchgc/_C*.so) is missing from {_PACKAGE_DIR}; "
+        f"torchgc was not built. Build it with: {_REBUILD}"
+    )
+
+
+def check_torch_version(info: BuildInfo, running: str) -> None:
+    if info.torch_version != running:
+        raise ImportError(
+            f"torchgc: the op library was built against torch {info.torch_version} but torch "
+            f"{running} is installed; C++ ops are tied to the torch they were built with. "
+            f"Rebuild with: {_REBUILD}"
+        )
+
+
+def _load() -> BuildInfo:
+    path = _library_path()
+    try:
+        torch.ops.load_library(str(path))
+    except OSError as exc:
+        # An undefined symbol here almost always means another torch was installed since.
+        raise ImportError(f"torchgc: loading {path} failed ({exc}); rebuild with: {_REBUILD}") from exc
+    version, backends, archs = torch.ops.torchgc.build_info.default()
+    info = BuildInfo(version, backends == "cuda", archs)
+    check_torch_version(info, torch.__version__)
+    return info
+
+
+BUILD_INFO = _load()
