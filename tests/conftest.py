@@ -1,3 +1,6 @@
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -9,3 +12,7 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+
+
+# Test helpers (tiny_models) import as top-level modules.
+sys.path.insert(0, str(Path(__file__).parent))

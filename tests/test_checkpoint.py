@@ -1,0 +1,292 @@
+"""torchgc.checkpoint on CPU: every strategy gives the gradients of a run without checkpointing.
+
+On CPU in fp32 a checkpointed run executes the same kernels in the same order as a plain one, and
+offloading only copies bytes, so every comparison here is bitwise (torch.equal)."""
+
+import copy
+import functools
+
+import pytest
+import torch
+
+import torchgc
+from torchgc import offload as offload_module
+from tiny_models import TINY_CONFIGS, batch, build
+
+STRATEGIES = [("checkpoint", False), ("checkpoint", True), ("offload", False), ("offload", True)]
+STRATEGY_IDS = [f"{s}-{'reentrant' if r else 'nonreentrant'}" for s, r in STRATEGIES]
+
+
+def enable(model, strategy, use_reentrant, **options):
+    func = functools.partial(torchgc.checkpoint, strategy=strategy, use_reentrant=use_reentrant, min_offload_bytes=0, **options)
+    model._set_gradient_checkpointing(enable=True, gradient_checkpointing_func=func)
+    return model
+
+
+def train_step(model, inputs, seed=123):
+    """One forward and backward. Returns the loss, every parameter's gradient, and the gradient
+    of the input embeddings (the embedding layer's output)."""
+    captured = {}
+
+    def keep_embeddings(module, args, output):
+        if output.requires_grad:
+            output.retain_grad()
+        captured["embeddings"] = output
+
+    handle = model.get_input_embeddings().register_forward_hook(keep_embeddings)
+    try:
+        torch.manual_seed(seed)
+        loss = model(**inputs).loss
+        loss.backward()
+    finally:
+        handle.remove()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    return loss.detach(), grads, captured["embeddings"].grad
+
+
+def assert_same_step(reference, candidate):
+    ref_loss, ref_grads, ref_embed_grad = reference
+    loss, grads, embed_grad = candidate
+    assert torch.equal(ref_loss, loss)
+    assert ref_grads.keys() == grads.keys(), "a different set of parameters received gradients"
+    assert len(ref_grads) > 0
+    for name in ref_grads:
+        assert torch.equal(ref_grads[name], grads[name]), f"gradient of {name} differs"
+    if ref_embed_grad is None:
+        assert embed_grad is None
+    else:
+        assert torch.equal(ref_embed_grad, embed_grad), "gradient of the input embeddings differs"
+
+
+def compare(model, strategy, use_reentrant, inputs=None, **options):
+    inputs = inputs or batch()
+    reference = train_step(copy.deepcopy(model), inputs)
+    candidate = train_step(enable(copy.deepcopy(model), strategy, use_reentrant, **options), inputs)
+    assert_same_step(reference, candidate)
+
+
+@pytest.fixture
+def count_offloads(monkeypatch):
+    calls = []
+    real = offload_module.ops.offload
+
+    def counting(x):
+        calls.append(x.shape)
+        return real(x)
+
+    monkeypatch.setattr(offload_module.ops, "offload", counting)
+    return calls
+
+
+@pytest.mark.parametrize("strategy,use_reentrant", STRATEGIES, ids=STRATEGY_IDS)
+@pytest.mark.parametrize("name", sorted(TINY_CONFIGS))
+def test_model_gradients_equal_no_checkpoint(name, strategy, use_reentrant, count_offloads):
+    compare(build(name), strategy, use_reentrant)
+    # Each layer's input goes to the host except the last layer's, which backward needs first.
+    assert len(count_offloads) == (2 if strategy == "offload" else 0)
+
+
+@pytest.mark.parametrize("strategy,use_reentrant", STRATEGIES, ids=STRATEGY_IDS)
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+def test_dropout_is_replayed_in_the_recompute(name, strategy, use_reentrant):
+    model = build(name, dropout=0.2)
+    compare(model, strategy, use_reentrant)
+    # The check above can only fail if dropout is really active: two runs with different seeds differ.
+    assert not torch.equal(train_step(copy.deepcopy(model), batch(), seed=1)[0], train_step(copy.deepcopy(model), batch(), seed=2)[0])
+
+
+@pytest.mark.parametrize("strategy,use_reentrant", STRATEGIES, ids=STRATEGY_IDS)
+def test_lora_gradients_equal_no_checkpoint(strategy, use_reentrant):
+    peft = pytest.importorskip("peft")
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
+    model = peft.get_peft_model(build("llama"), config)
+    if use_reentrant:
+        # Embeddings are frozen, so no layer input requires grad: torchgc must not lose the LoRA
+        # gradients (torch's reentrant checkpoint alone would).
+        with pytest.warns(UserWarning, match="no input requires grad"):
+            compare(model, strategy, use_reentrant)
+    else:
+        compare(model, strategy, use_reentrant)
+
+
+@pytest.mark.parametrize("strategy,use_reentrant", STRATEGIES, ids=STRATEGY_IDS)
+def test_frozen_lower_layers_are_not_checkpointed(strategy, use_reentrant, monkeypatch):
+    model = build("llama", layers=4)
+    for module in (model.model.embed_tokens, model.model.layers[0], model.model.layers[1]):
+        module.requires_grad_(False)
+    compare(model, strategy, use_reentrant)
+
+    calls = []
+    real = torch.utils.checkpoint.checkpoint
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k))
+    train_step(enable(copy.deepcopy(model), strategy, use_reentrant), batch())
+    assert len(calls) == 2
+
+
+class KwargLayer(torch.nn.Module):
+    """A layer whose extra inputs arrive as keyword tensors, and whose output is a bare tensor."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(8, 8)
+
+    def forward(self, x, *, scale, pair):
+        return torch.tanh(self.linear(x)) * scale + pair[0] * pair[1]
+
+
+@pytest.mark.parametrize("strategy,use_reentrant", STRATEGIES, ids=STRATEGY_IDS)
+@pytest.mark.parametrize("bound_in_partial", [False, True])
+def test_tensor_kwargs_get_their_gradients(strategy, use_reentrant, bound_in_partial):
+    torch.manual_seed(0)
+    layers = torch.nn.ModuleList(KwargLayer() for _ in range(3))
+    x0 = torch.randn(4, 8, requires_grad=True)
+    scale = torch.randn(8, requires_grad=True)
+    pair = (torch.randn(8, requires_grad=True), torch.randn(4, 8))
+
+    def run(checkpointed):
+        for t in (x0, scale, pair[0], *layers.parameters()):
+            t.grad = None
+        shared_scale = scale * 2  # a non-leaf shared by every layer
+        h = x0 * 1.0
+        for layer in layers:
+            if not checkpointed:
+                h = layer(h, scale=shared_scale, pair=pair)
+            elif bound_in_partial:
+                h = torchgc.checkpoint(functools.partial(layer.__call__, scale=shared_scale, pair=pair), h, strategy=strategy, use_reentrant=use_reentrant, min_offload_bytes=0)
+            else:
+                h = torchgc.checkpoint(layer, h, scale=shared_scale, pair=pair, strategy=strategy, use_reentrant=use_reentrant, min_offload_bytes=0)
+        h.sum().backward()
+        return [t.grad.clone() for t in (x0, scale, pair[0], *layers.parameters())]
+
+    for ref, got in zip(run(False), run(True)):
+        assert torch.equal(ref, got)
+
+
+@pytest.mark.parametrize("strategy,use_reentrant", STRATEGIES, ids=STRATEGY_IDS)
+def test_an_input_shared_by_two_layers(strategy, use_reentrant):
+    torch.manual_seed(0)
+    a, b = torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)
+    x = torch.randn(4, 8, requires_grad=True)
+
+    def run(checkpointed):
+        x.grad = a.weight.grad = b.weight.grad = None
+        h = torch.relu(x)
+        call = (lambda f, t: torchgc.checkpoint(f, t, strategy=strategy, use_reentrant=use_reentrant, min_offload_bytes=0)) if checkpointed else (lambda f, t: f(t))
+        (call(a, h) * call(b, h)).sum().backward()
+        return x.grad.clone(), a.weight.grad.clone(), b.weight.grad.clone()
+
+    for ref, got in zip(run(False), run(True)):
+        assert torch.equal(ref, got)
+
+
+def test_gradient_accumulation_and_several_forwards_before_backward():
+    model = build("llama")
+    micro = [batch(seed=s) for s in (1, 2, 3)]
+
+    def accumulate(m):
+        losses = [m(**inputs).loss for inputs in micro]  # all forwards first
+        sum(losses).backward()
+        m(**micro[0]).loss.backward()  # then one more micro-batch, accumulated
+        return {n: p.grad.clone() for n, p in m.named_parameters()}
+
+    ref = accumulate(copy.deepcopy(model))
+    got = accumulate(enable(copy.deepcopy(model), "offload", False))
+    for name in ref:
+        assert torch.equal(ref[name], got[name]), name
+
+
+def test_a_forward_that_raises_leaves_nothing_behind():
+    model = enable(build("llama"), "offload", False)
+    baseline = torchgc.ops.host_pool_stats().in_use_bytes
+    layer = model.model.layers[2]
+    real_forward = layer.forward
+
+    def failing(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    layer.forward = failing
+    with pytest.raises(RuntimeError, match="boom"):
+        model(**batch())
+    layer.forward = real_forward
+    assert torchgc.ops.host_pool_stats().in_use_bytes == baseline
+    assert offload_module._tracker.live_previous_entries() == []
+    # The next step is unaffected.
+    reference = train_step(copy.deepcopy(build("llama")), batch())
+    model.zero_grad(set_to_none=True)
+    assert_same_step(reference, train_step(model, batch()))
+
+
+def test_eval_no_grad_and_inference_passes_in_between(count_offloads):
+    model = enable(build("llama"), "offload", True)
+    reference_model = build("llama")
+    inputs = batch()
+    for m in (model, reference_model):
+        m.eval()
+        with torch.no_grad():
+            m(**inputs)
+        with torch.inference_mode():
+            m(**inputs)
+        m.train()
+        with torch.no_grad():
+            m(**inputs)
+    assert count_offloads == []
+    assert_same_step(train_step(reference_model, inputs), train_step(model, inputs))
+
+
+def test_host_pool_stays_constant_across_200_steps():
+    model = enable(build("llama", layers=3), "offload", False)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+    inputs = batch()
+    baseline_in_use = torchgc.ops.host_pool_stats().in_use_bytes
+    reserved_after_first = None
+    for step in range(200):
+        optimizer.zero_grad(set_to_none=True)
+        model(**inputs).loss.backward()
+        optimizer.step()
+        stats = torchgc.ops.host_pool_stats()
+        assert stats.in_use_bytes == baseline_in_use, f"step {step}: offloaded buffers outlived backward"
+        if reserved_after_first is None:
+            reserved_after_first = stats.reserved_bytes
+            assert reserved_after_first > 0
+        assert stats.reserved_bytes == reserved_after_first, f"step {step}: host pool grew"
+
+
+def test_prefetch_starts_the_previous_reload_before_waiting(monkeypatch):
+    events = []
+    for name in ("reload", "wait"):
+        real = getattr(offload_module.ops, name)
+        monkeypatch.setattr(offload_module.ops, name, functools.partial(lambda real, name, *a: events.append(name) or real(*a), real, name))
+
+    def backward_order(prefetch):
+        events.clear()
+        model = enable(build("llama", layers=4), "offload", False, prefetch=prefetch)
+        model(**batch()).loss.backward()
+        return list(events)
+
+    # Three offloaded inputs (the fourth layer's stays on the device).
+    assert backward_order(prefetch=False) == ["reload", "wait"] * 3
+    assert backward_order(prefetch=True) == ["reload", "reload", "wait", "reload", "wait", "wait"]
+
+
+def test_auto_does_not_offload_cpu_tensors(count_offloads):
+    compare(build("llama"), "auto", False)
+    assert count_offloads == []
+
+
+def test_host_cap_keeps_tensors_on_the_device(count_offloads):
+    compare(build("llama"), "offload", False, max_host_bytes=0)
+    assert count_offloads == []
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"strategy": "fast"}, r"torchgc.checkpoint: argument 'strategy' must be one of auto, checkpoint, offload; got 'fast'"),
+        ({"use_reentrant": "yes"}, r"argument 'use_reentrant' must be True or False; got 'yes'"),
+        ({"min_offload_bytes": -1}, r"argument 'min_offload_bytes' must be None or an int >= 0; got -1"),
+        ({"max_host_bytes": 1.5}, r"argument 'max_host_bytes' must be None or an int >= 0; got 1.5"),
+    ],
+)
+def test_bad_arguments_raise_a_clear_error(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        torchgc.checkpoint(torch.nn.Linear(2, 2), torch.randn(1, 2), **kwargs)
