@@ -42,3 +42,11 @@ TORCH_LIBRARY(torchgc, m) {
   m.def("empty_host_pool() -> ()", &torchgc::empty_host_pool);
   m.def("build_info() -> str[]", &torchgc::build_info);
 }
+
+// Offloading moves saved tensors' bytes; it is not part of the differentiated computation, so
+// its outputs carry no autograd history.
+TORCH_LIBRARY_IMPL(torchgc, Autograd, m) {
+  m.impl("offload", torch::CppFunction::makeFallthrough());
+  m.impl("reload", torch::CppFunction::makeFallthrough());
+  m.impl("wait", torch::CppFunction::makeFallthrough());
+}
