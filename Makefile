@@ -12,7 +12,7 @@ export MAX_JOBS
 # Everything the tests and the demo need; versions come from the constraints file.
 TEST_DEPS := torch transformers peft accelerate trl datasets pytest numpy matplotlib tqdm psutil cmake setuptools wheel
 
-.PHONY: venv gtest build test pytest ctest demo clean
+.PHONY: venv gtest build test pytest ctest ctest-asan demo clean
 
 venv: $(VENV)/.installed
 $(VENV)/.installed: $(CONSTRAINTS)
@@ -33,13 +33,21 @@ build: venv gtest
 ctest: build
 	cd $(BUILD_DIR) && ctest --output-on-failure --no-tests=error
 
+# The C++ tests under AddressSanitizer + UBSan, in their own build folder (CPU kernels only; the
+# instrumented library is never installed into the package).
+ctest-asan: venv gtest
+	$(VENV)/bin/cmake -S . -B build/asan -DPython_EXECUTABLE=$(abspath $(PY)) -DTORCHGC_CUDA=OFF -DTORCHGC_BUILD_TESTS=ON -DTORCHGC_SANITIZE=ON -DCMAKE_BUILD_TYPE=RelWithDebInfo
+	$(VENV)/bin/cmake --build build/asan --parallel $(MAX_JOBS)
+	cd build/asan && ASAN_OPTIONS=detect_leaks=0 ctest --output-on-failure --no-tests=error
+
 pytest: build
 	$(PY) -m pytest -q -ra $(PYTEST_ARGS)
 
 test: ctest pytest
 
+# The main job: every strategy's memory and speed on the embedded default model.
 demo: build
-	$(PY) -m torchgc.demo
+	$(PY) -m torchgc.bench --out results
 
 clean:
 	rm -rf build torchgc/_C*.so *.egg-info
