@@ -79,12 +79,14 @@ def test_upcast_layernorm_trains_like_eager(name):
     assert set(grads_f) == set(grads_e)
     for pname in grads_e:
         ge, gf, gr = grads_e[pname], grads_f[pname], grads_r[pname]
-        # Tolerance: bf16 has 8 bits of mantissa (relative rounding 2^-9 = 0.2%), and every
-        # matmul of forward and backward rounds its output; a gradient a few layers deep
-        # carries a few percent of relative noise. 5% in norm against the eager run, and no
-        # more than 1.5x the eager run's own distance to the float64 model plus 1%.
-        assert rel_err(gf, ge) <= 5e-2, (pname, rel_err(gf, ge))
-        assert rel_err(gf, gr) <= 1.5 * rel_err(ge, gr) + 1e-2, (pname, rel_err(gf, gr), rel_err(ge, gr))
+        # Tolerance: bf16 keeps 8 bits of mantissa (rounding 2^-9, 0.2%) and every matmul of
+        # forward and backward rounds its output, so the eager bf16 run itself is about 1% (in
+        # norm) from the float64 model. The two runs differ only inside the norms, so they must
+        # agree within 3% per parameter, and the fused run must be no further from float64 than
+        # 1.25x the eager run's distance plus 0.5%. (Measured: at most 0.7% apart; a wrong
+        # Gemma offset gives over 100%.)
+        assert rel_err(gf, ge) <= 3e-2, (pname, rel_err(gf, ge))
+        assert rel_err(gf, gr) <= 1.25 * rel_err(ge, gr) + 5e-3, (pname, rel_err(gf, gr), rel_err(ge, gr))
     # The upcast norm weights really are fp32 and got fp32 gradients.
     for name_, module in fused.named_modules():
         if type(module).__name__.endswith("RMSNorm"):
