@@ -1,4 +1,4 @@
-// CPU kernels of the fused norms, and the argument checks both backends share. The kernels are
+// CPU kernels of the fused norms, and the op bodies (checks, buffers) both backends share. The kernels are
 // in norm_cpu_kernel.h, compiled here for the baseline instruction set and in
 // norm_cpu_avx2.cpp for AVX2; the copy to run is picked once, from ATen's CPU capability (so
 // ATEN_CPU_CAPABILITY=default selects the baseline one, as it does for torch's own kernels).
@@ -75,6 +75,8 @@ at::ScalarType check_norm_forward(const char* op, const at::Tensor& x, const at:
   return norm_math_type(xt);
 }
 
+namespace {
+
 at::ScalarType check_norm_backward(const char* op, const at::Tensor& grad_y, const at::Tensor& x,
                                    const at::Tensor& weight,
                                    std::initializer_list<std::pair<const char*, const at::Tensor*>> stats) {
@@ -97,62 +99,44 @@ at::ScalarType check_norm_backward(const char* op, const at::Tensor& grad_y, con
   return math;
 }
 
+// One value per row of x, in the math dtype.
 at::Tensor norm_row_stats(const at::Tensor& x, at::ScalarType math) {
   return at::empty(x.sizes().slice(0, x.dim() - 1), x.options().dtype(math));
 }
 
+// A parameter as the kernels read it: contiguous, in the math dtype.
 at::Tensor norm_param(const at::Tensor& p, at::ScalarType math) { return p.to(math).contiguous(); }
 
-namespace {
+}  // namespace
 
-struct CpuKernels {
-  decltype(&norm_cpu::base::rms_norm_forward) rms_forward;
-  decltype(&norm_cpu::base::rms_norm_backward) rms_backward;
-  decltype(&norm_cpu::base::layer_norm_forward) layer_forward;
-  decltype(&norm_cpu::base::layer_norm_backward) layer_backward;
-};
-
-const CpuKernels& cpu_kernels() {
-  static const CpuKernels kernels = [] {
-#ifdef TORCHGC_NORM_AVX2
-    const auto isa = at::get_cpu_capability();
-    if (isa == "AVX2" || isa == "AVX512") {
-      namespace k = norm_cpu::avx2;
-      return CpuKernels{&k::rms_norm_forward, &k::rms_norm_backward, &k::layer_norm_forward, &k::layer_norm_backward};
-    }
-#endif
-    namespace k = norm_cpu::base;
-    return CpuKernels{&k::rms_norm_forward, &k::rms_norm_backward, &k::layer_norm_forward, &k::layer_norm_backward};
-  }();
-  return kernels;
-}
-
-std::tuple<at::Tensor, at::Tensor> rms_norm_cpu(const at::Tensor& x, const at::Tensor& weight, double eps,
-                                                double offset, bool llama_cast, bool fp32_output) {
+std::tuple<at::Tensor, at::Tensor> rms_norm_with(const NormKernels& kernels, const at::Tensor& x,
+                                                 const at::Tensor& weight, double eps, double offset, bool llama_cast,
+                                                 bool fp32_output) {
   const auto math = check_norm_forward("rms_norm", x, weight, std::nullopt, eps);
   const auto xc = x.contiguous();
   const auto w = norm_param(weight, math);
   auto y = at::empty(x.sizes(), x.options().dtype(fp32_output ? at::kFloat : x.scalar_type()));
   auto rstd = norm_row_stats(x, math);
-  cpu_kernels().rms_forward(xc, w, y, rstd, eps, offset, llama_cast);
+  kernels.rms_forward(xc, w, y, rstd, eps, offset, llama_cast);
   return {y, rstd};
 }
 
-std::tuple<at::Tensor, at::Tensor> rms_norm_backward_cpu(const at::Tensor& grad_y, const at::Tensor& x,
-                                                         const at::Tensor& weight, const at::Tensor& rstd,
-                                                         double offset, bool llama_cast) {
+std::tuple<at::Tensor, at::Tensor> rms_norm_backward_with(const NormKernels& kernels, const at::Tensor& grad_y,
+                                                          const at::Tensor& x, const at::Tensor& weight,
+                                                          const at::Tensor& rstd, double offset, bool llama_cast) {
   const auto math = check_norm_backward("rms_norm_backward", grad_y, x, weight, {{"rstd", &rstd}});
   const auto xc = x.contiguous();
   auto dx = at::empty(x.sizes(), x.options());
   auto dw = at::empty({x.size(-1)}, x.options().dtype(math));
-  cpu_kernels().rms_backward(grad_y.contiguous(), xc, norm_param(weight, math), rstd.contiguous(), dx, dw, offset,
+  kernels.rms_backward(grad_y.contiguous(), xc, norm_param(weight, math), rstd.contiguous(), dx, dw, offset,
                              llama_cast);
   return {dx, dw.to(weight.scalar_type())};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_cpu(const at::Tensor& x, const at::Tensor& weight,
-                                                              const std::optional<at::Tensor>& bias, double eps,
-                                                              bool fp32_output) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_with(const NormKernels& kernels, const at::Tensor& x,
+                                                               const at::Tensor& weight,
+                                                               const std::optional<at::Tensor>& bias, double eps,
+                                                               bool fp32_output) {
   const auto math = check_norm_forward("layer_norm", x, weight, bias, eps);
   const auto xc = x.contiguous();
   const auto w = norm_param(weight, math);
@@ -160,30 +144,43 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_cpu(const at::Tensor& 
   auto y = at::empty(x.sizes(), x.options().dtype(fp32_output ? at::kFloat : x.scalar_type()));
   auto mean = norm_row_stats(x, math);
   auto rstd = norm_row_stats(x, math);
-  cpu_kernels().layer_forward(xc, w, b, y, mean, rstd, eps);
+  kernels.layer_forward(xc, w, b, y, mean, rstd, eps);
   return {y, mean, rstd};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_backward_cpu(const at::Tensor& grad_y, const at::Tensor& x,
-                                                                       const at::Tensor& weight,
-                                                                       const at::Tensor& mean,
-                                                                       const at::Tensor& rstd) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_backward_with(const NormKernels& kernels,
+                                                                        const at::Tensor& grad_y, const at::Tensor& x,
+                                                                        const at::Tensor& weight,
+                                                                        const at::Tensor& mean,
+                                                                        const at::Tensor& rstd) {
   const auto math = check_norm_backward("layer_norm_backward", grad_y, x, weight, {{"mean", &mean}, {"rstd", &rstd}});
   const auto xc = x.contiguous();
   auto dx = at::empty(x.sizes(), x.options());
   auto dw = at::empty({x.size(-1)}, x.options().dtype(math));
   auto db = at::empty({x.size(-1)}, x.options().dtype(math));
-  cpu_kernels().layer_backward(grad_y.contiguous(), xc, norm_param(weight, math), mean.contiguous(), rstd.contiguous(),
+  kernels.layer_backward(grad_y.contiguous(), xc, norm_param(weight, math), mean.contiguous(), rstd.contiguous(),
                                dx, dw, db);
   return {dx, dw.to(weight.scalar_type()), db.to(weight.scalar_type())};
+}
+
+namespace {
+
+const NormKernels& cpu_kernels() {
+  static const NormKernels kernels = [] {
+#ifdef TORCHGC_NORM_AVX2
+    const auto isa = at::get_cpu_capability();
+    if (isa == "AVX2" || isa == "AVX512") {
+      namespace k = norm_cpu::avx2;
+      return NormKernels{&k::rms_norm_forward, &k::rms_norm_backward, &k::layer_norm_forward, &k::layer_norm_backward};
+    }
+#endif
+    namespace k = norm_cpu::base;
+    return NormKernels{&k::rms_norm_forward, &k::rms_norm_backward, &k::layer_norm_forward, &k::layer_norm_backward};
+  }();
+  return kernels;
 }
 
 }  // namespace
 }  // namespace torchgc
 
-TORCH_LIBRARY_IMPL(torchgc, CPU, m) {
-  m.impl("rms_norm", &torchgc::rms_norm_cpu);
-  m.impl("rms_norm_backward", &torchgc::rms_norm_backward_cpu);
-  m.impl("layer_norm", &torchgc::layer_norm_cpu);
-  m.impl("layer_norm_backward", &torchgc::layer_norm_backward_cpu);
-}
+TORCH_LIBRARY_IMPL(torchgc, CPU, m) { torchgc::register_norm_ops<&torchgc::cpu_kernels>(m); }

@@ -9,6 +9,7 @@
 #include <torch/library.h>
 
 #include <cstdint>
+#include <vector>
 
 #include "torchgc/norm.h"
 #include "torchgc/norm_row.h"
@@ -320,14 +321,11 @@ norm::RowPartition cuda_partition(int64_t rows, const RowLaunch& launch) {
   return norm::partition_rows(rows, 4, launch.tpr == 32 ? 2048 : 512);
 }
 
-std::tuple<at::Tensor, at::Tensor> rms_norm_cuda(const at::Tensor& x, const at::Tensor& weight, double eps,
-                                                 double offset, bool llama_cast, bool fp32_output) {
-  const auto math = check_norm_forward("rms_norm", x, weight, std::nullopt, eps);
+// Launchers, in the NormKernels shape: inputs contiguous, parameters in the math dtype, outputs
+// allocated (norm_cpu.cpp's rms_norm_with and friends prepare them).
+void rms_forward(const at::Tensor& x, const at::Tensor& w, at::Tensor& y, at::Tensor& rstd, double eps, double offset,
+                 bool llama) {
   c10::cuda::CUDAGuard guard(x.device());
-  const auto xc = x.contiguous();
-  const auto w = norm_param(weight, math);
-  auto y = at::empty(x.sizes(), x.options().dtype(fp32_output ? at::kFloat : x.scalar_type()));
-  auto rstd = norm_row_stats(x, math);
   const int64_t n = x.size(-1);
   const int64_t rows = x.numel() / n;
   auto stream = at::cuda::getCurrentCUDAStream();
@@ -335,71 +333,24 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_cuda(const at::Tensor& x, const at::
     using T = decltype(t);
     using O = decltype(o);
     using A = decltype(acc);
-    dispatch_vec<T>(n, {{xc.const_data_ptr(), sizeof(T)}, {w.const_data_ptr(), sizeof(A)}, {y.const_data_ptr(), sizeof(O)}},
+    dispatch_vec<T>(n, {{x.const_data_ptr(), sizeof(T)}, {w.const_data_ptr(), sizeof(A)}, {y.const_data_ptr(), sizeof(O)}},
                     [&](auto vec) {
                       constexpr int VEC = decltype(vec)::value;
                       const auto launch = row_launch(n / VEC);
                       const int64_t rows_per_block = launch.threads / launch.tpr;
                       rms_forward_kernel<T, O, A, VEC><<<grid_for((rows + rows_per_block - 1) / rows_per_block),
                                                          launch.threads, 0, stream>>>(
-                          xc.const_data_ptr<T>(), w.const_data_ptr<A>(), y.mutable_data_ptr<O>(),
-                          rstd.mutable_data_ptr<A>(), rows, n, static_cast<A>(eps), static_cast<A>(offset), llama_cast,
+                          x.const_data_ptr<T>(), w.const_data_ptr<A>(), y.mutable_data_ptr<O>(),
+                          rstd.mutable_data_ptr<A>(), rows, n, static_cast<A>(eps), static_cast<A>(offset), llama,
                           launch.tpr);
                       C10_CUDA_KERNEL_LAUNCH_CHECK();
                     });
   });
-  return {y, rstd};
 }
 
-std::tuple<at::Tensor, at::Tensor> rms_norm_backward_cuda(const at::Tensor& grad_y, const at::Tensor& x,
-                                                          const at::Tensor& weight, const at::Tensor& rstd,
-                                                          double offset, bool llama_cast) {
-  const auto math = check_norm_backward("rms_norm_backward", grad_y, x, weight, {{"rstd", &rstd}});
+void layer_forward(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b, at::Tensor& y, at::Tensor& mean,
+                   at::Tensor& rstd, double eps) {
   c10::cuda::CUDAGuard guard(x.device());
-  const auto xc = x.contiguous();
-  const auto gc = grad_y.contiguous();
-  const auto rc = rstd.contiguous();
-  const auto w = norm_param(weight, math);
-  auto dx = at::empty(x.sizes(), x.options());
-  const int64_t n = x.size(-1);
-  const int64_t rows = x.numel() / n;
-  auto dw = at::empty({n}, x.options().dtype(math));
-  auto stream = at::cuda::getCurrentCUDAStream();
-  dispatch_norm_types(x.scalar_type(), grad_y.scalar_type(), [&](auto t, auto gt, auto acc) {
-    using T = decltype(t);
-    using G = decltype(gt);
-    using A = decltype(acc);
-    dispatch_vec<T>(n, {{xc.const_data_ptr(), sizeof(T)}, {gc.const_data_ptr(), sizeof(G)}, {w.const_data_ptr(), sizeof(A)},
-                        {dx.const_data_ptr(), sizeof(T)}},
-                    [&](auto vec) {
-                      constexpr int VEC = decltype(vec)::value;
-                      const auto launch = row_launch(n / VEC);
-                      const auto split = cuda_partition(rows, launch);
-                      auto part = at::zeros({split.parts, n}, x.options().dtype(math));
-                      const int64_t groups_per_block = launch.threads / launch.tpr;
-                      rms_backward_kernel<T, G, A, VEC><<<grid_for((split.parts + groups_per_block - 1) / groups_per_block),
-                                                          launch.threads, 0, stream>>>(
-                          gc.const_data_ptr<G>(), xc.const_data_ptr<T>(), w.const_data_ptr<A>(), rc.const_data_ptr<A>(),
-                          dx.mutable_data_ptr<T>(), part.mutable_data_ptr<A>(), rows, n, static_cast<A>(offset),
-                          llama_cast, launch.tpr, split.parts, split.rows_per_part);
-                      C10_CUDA_KERNEL_LAUNCH_CHECK();
-                      sum_parts<A>(part, dw, stream);
-                    });
-  });
-  return {dx, dw.to(weight.scalar_type())};
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_cuda(const at::Tensor& x, const at::Tensor& weight,
-                                                               const std::optional<at::Tensor>& bias, double eps,
-                                                               bool fp32_output) {
-  const auto math = check_norm_forward("layer_norm", x, weight, bias, eps);
-  c10::cuda::CUDAGuard guard(x.device());
-  const auto xc = x.contiguous();
-  const auto w = norm_param(weight, math);
-  const auto b = bias.has_value() ? norm_param(*bias, math) : at::zeros_like(w);
-  auto y = at::empty(x.sizes(), x.options().dtype(fp32_output ? at::kFloat : x.scalar_type()));
-  auto mean = norm_row_stats(x, math);
-  auto rstd = norm_row_stats(x, math);
   const int64_t n = x.size(-1);
   const int64_t rows = x.numel() / n;
   auto stream = at::cuda::getCurrentCUDAStream();
@@ -407,7 +358,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_cuda(const at::Tensor&
     using T = decltype(t);
     using O = decltype(o);
     using A = decltype(acc);
-    dispatch_vec<T>(n, {{xc.const_data_ptr(), sizeof(T)}, {w.const_data_ptr(), sizeof(A)}, {b.const_data_ptr(), sizeof(A)},
+    dispatch_vec<T>(n, {{x.const_data_ptr(), sizeof(T)}, {w.const_data_ptr(), sizeof(A)}, {b.const_data_ptr(), sizeof(A)},
                         {y.const_data_ptr(), sizeof(O)}},
                     [&](auto vec) {
                       constexpr int VEC = decltype(vec)::value;
@@ -415,64 +366,84 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_cuda(const at::Tensor&
                       const int64_t rows_per_block = launch.threads / launch.tpr;
                       layer_forward_kernel<T, O, A, VEC><<<grid_for((rows + rows_per_block - 1) / rows_per_block),
                                                            launch.threads, 0, stream>>>(
-                          xc.const_data_ptr<T>(), w.const_data_ptr<A>(), b.const_data_ptr<A>(), y.mutable_data_ptr<O>(),
+                          x.const_data_ptr<T>(), w.const_data_ptr<A>(), b.const_data_ptr<A>(), y.mutable_data_ptr<O>(),
                           mean.mutable_data_ptr<A>(), rstd.mutable_data_ptr<A>(), rows, n, static_cast<A>(eps),
                           launch.tpr);
                       C10_CUDA_KERNEL_LAUNCH_CHECK();
                     });
   });
-  return {y, mean, rstd};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_backward_cuda(const at::Tensor& grad_y, const at::Tensor& x,
-                                                                        const at::Tensor& weight,
-                                                                        const at::Tensor& mean,
-                                                                        const at::Tensor& rstd) {
-  const auto math = check_norm_backward("layer_norm_backward", grad_y, x, weight, {{"mean", &mean}, {"rstd", &rstd}});
+// Picks the types and pack width, gives `launch` one zeroed [groups, hidden] buffer per output
+// in `reduced` to launch its kernel with, then reduces each buffer into its output.
+template <typename Launch>
+void run_backward(const at::Tensor& g, const at::Tensor& x, const at::Tensor& w, const at::Tensor& dx,
+                  std::initializer_list<at::Tensor*> reduced, Launch&& launch) {
   c10::cuda::CUDAGuard guard(x.device());
-  const auto xc = x.contiguous();
-  const auto gc = grad_y.contiguous();
-  const auto mc = mean.contiguous();
-  const auto rc = rstd.contiguous();
-  const auto w = norm_param(weight, math);
-  auto dx = at::empty(x.sizes(), x.options());
   const int64_t n = x.size(-1);
   const int64_t rows = x.numel() / n;
-  auto dw = at::empty({n}, x.options().dtype(math));
-  auto db = at::empty({n}, x.options().dtype(math));
   auto stream = at::cuda::getCurrentCUDAStream();
-  dispatch_norm_types(x.scalar_type(), grad_y.scalar_type(), [&](auto t, auto gt, auto acc) {
+  dispatch_norm_types(x.scalar_type(), g.scalar_type(), [&](auto t, auto gt, auto acc) {
     using T = decltype(t);
     using G = decltype(gt);
     using A = decltype(acc);
-    dispatch_vec<T>(n, {{xc.const_data_ptr(), sizeof(T)}, {gc.const_data_ptr(), sizeof(G)}, {w.const_data_ptr(), sizeof(A)},
+    dispatch_vec<T>(n, {{x.const_data_ptr(), sizeof(T)}, {g.const_data_ptr(), sizeof(G)}, {w.const_data_ptr(), sizeof(A)},
                         {dx.const_data_ptr(), sizeof(T)}},
                     [&](auto vec) {
-                      constexpr int VEC = decltype(vec)::value;
-                      const auto launch = row_launch(n / VEC);
-                      const auto split = cuda_partition(rows, launch);
-                      auto part_w = at::zeros({split.parts, n}, x.options().dtype(math));
-                      auto part_b = at::zeros({split.parts, n}, x.options().dtype(math));
-                      const int64_t groups_per_block = launch.threads / launch.tpr;
-                      layer_backward_kernel<T, G, A, VEC><<<grid_for((split.parts + groups_per_block - 1) / groups_per_block),
-                                                            launch.threads, 0, stream>>>(
-                          gc.const_data_ptr<G>(), xc.const_data_ptr<T>(), w.const_data_ptr<A>(), mc.const_data_ptr<A>(),
-                          rc.const_data_ptr<A>(), dx.mutable_data_ptr<T>(), part_w.mutable_data_ptr<A>(),
-                          part_b.mutable_data_ptr<A>(), rows, n, launch.tpr, split.parts, split.rows_per_part);
+                      const auto rl = row_launch(n / decltype(vec)::value);
+                      const auto split = cuda_partition(rows, rl);
+                      std::vector<at::Tensor> parts;
+                      for (size_t i = 0; i < reduced.size(); ++i) {
+                        parts.push_back(at::zeros({split.parts, n}, x.options().dtype(c10::CppTypeToScalarType<A>::value)));
+                      }
+                      const int64_t groups_per_block = rl.threads / rl.tpr;
+                      const dim3 grid(grid_for((split.parts + groups_per_block - 1) / groups_per_block));
+                      launch(t, gt, acc, vec, grid, rl, split, rows, n, stream, parts);
                       C10_CUDA_KERNEL_LAUNCH_CHECK();
-                      sum_parts<A>(part_w, dw, stream);
-                      sum_parts<A>(part_b, db, stream);
+                      size_t i = 0;
+                      for (at::Tensor* out : reduced) {
+                        sum_parts<A>(parts[i++], *out, stream);
+                      }
                     });
   });
-  return {dx, dw.to(weight.scalar_type()), db.to(weight.scalar_type())};
+}
+
+void rms_backward(const at::Tensor& g, const at::Tensor& x, const at::Tensor& w, const at::Tensor& rstd,
+                  at::Tensor& dx, at::Tensor& dw, double offset, bool llama) {
+  run_backward(g, x, w, dx, {&dw}, [&](auto t, auto gt, auto acc, auto vec, dim3 grid, RowLaunch rl,
+                                        norm::RowPartition split, int64_t rows, int64_t n, cudaStream_t stream,
+                                        std::vector<at::Tensor>& parts) {
+    using T = decltype(t);
+    using G = decltype(gt);
+    using A = decltype(acc);
+    rms_backward_kernel<T, G, A, decltype(vec)::value><<<grid, rl.threads, 0, stream>>>(
+        g.const_data_ptr<G>(), x.const_data_ptr<T>(), w.const_data_ptr<A>(), rstd.const_data_ptr<A>(),
+        dx.mutable_data_ptr<T>(), parts[0].mutable_data_ptr<A>(), rows, n, static_cast<A>(offset), llama, rl.tpr,
+        split.parts, split.rows_per_part);
+  });
+}
+
+void layer_backward(const at::Tensor& g, const at::Tensor& x, const at::Tensor& w, const at::Tensor& mean,
+                    const at::Tensor& rstd, at::Tensor& dx, at::Tensor& dw, at::Tensor& db) {
+  run_backward(g, x, w, dx, {&dw, &db}, [&](auto t, auto gt, auto acc, auto vec, dim3 grid, RowLaunch rl,
+                                             norm::RowPartition split, int64_t rows, int64_t n, cudaStream_t stream,
+                                             std::vector<at::Tensor>& parts) {
+    using T = decltype(t);
+    using G = decltype(gt);
+    using A = decltype(acc);
+    layer_backward_kernel<T, G, A, decltype(vec)::value><<<grid, rl.threads, 0, stream>>>(
+        g.const_data_ptr<G>(), x.const_data_ptr<T>(), w.const_data_ptr<A>(), mean.const_data_ptr<A>(),
+        rstd.const_data_ptr<A>(), dx.mutable_data_ptr<T>(), parts[0].mutable_data_ptr<A>(),
+        parts[1].mutable_data_ptr<A>(), rows, n, rl.tpr, split.parts, split.rows_per_part);
+  });
+}
+
+const NormKernels& cuda_kernels() {
+  static const NormKernels kernels{&rms_forward, &rms_backward, &layer_forward, &layer_backward};
+  return kernels;
 }
 
 }  // namespace
 }  // namespace torchgc
 
-TORCH_LIBRARY_IMPL(torchgc, CUDA, m) {
-  m.impl("rms_norm", &torchgc::rms_norm_cuda);
-  m.impl("rms_norm_backward", &torchgc::rms_norm_backward_cuda);
-  m.impl("layer_norm", &torchgc::layer_norm_cuda);
-  m.impl("layer_norm_backward", &torchgc::layer_norm_backward_cuda);
-}
+TORCH_LIBRARY_IMPL(torchgc, CUDA, m) { torchgc::register_norm_ops<&torchgc::cuda_kernels>(m); }

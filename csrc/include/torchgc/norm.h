@@ -2,6 +2,7 @@
 // Argument checks and buffers shared by the CPU and CUDA kernels of the fused norms (defined in
 // cpu/norm_cpu.cpp). The schemas are in ops.cpp; the per-row math is in norm_row.h.
 #include <ATen/ATen.h>
+#include <torch/library.h>
 
 #include <optional>
 
@@ -15,17 +16,53 @@ at::ScalarType norm_math_type(at::ScalarType x);
 at::ScalarType check_norm_forward(const char* op, const at::Tensor& x, const at::Tensor& weight,
                                   const std::optional<at::Tensor>& bias, double eps);
 
-// Checks a backward call: grad_y against x, weight as in forward, each saved row statistic
-// (name, tensor) against x's leading shape and the math dtype.
-at::ScalarType check_norm_backward(const char* op, const at::Tensor& grad_y, const at::Tensor& x,
-                                   const at::Tensor& weight,
-                                   std::initializer_list<std::pair<const char*, const at::Tensor*>> stats);
+// The kernels of one backend. They receive x, grad_y and the row statistics contiguous, the
+// weight and bias contiguous in the math dtype, and every output allocated (dweight and dbias in
+// the math dtype).
+struct NormKernels {
+  void (*rms_forward)(const at::Tensor& x, const at::Tensor& w, at::Tensor& y, at::Tensor& rstd, double eps,
+                      double offset, bool llama);
+  void (*rms_backward)(const at::Tensor& g, const at::Tensor& x, const at::Tensor& w, const at::Tensor& rstd,
+                       at::Tensor& dx, at::Tensor& dw, double offset, bool llama);
+  void (*layer_forward)(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b, at::Tensor& y,
+                        at::Tensor& mean, at::Tensor& rstd, double eps);
+  void (*layer_backward)(const at::Tensor& g, const at::Tensor& x, const at::Tensor& w, const at::Tensor& mean,
+                         const at::Tensor& rstd, at::Tensor& dx, at::Tensor& dw, at::Tensor& db);
+};
 
-// One value per row of x, in the math dtype.
-at::Tensor norm_row_stats(const at::Tensor& x, at::ScalarType math);
+// The ops, for any backend: check the arguments, prepare the inputs and outputs, run `kernels`.
+std::tuple<at::Tensor, at::Tensor> rms_norm_with(const NormKernels& kernels, const at::Tensor& x,
+                                                 const at::Tensor& weight, double eps, double offset, bool llama_cast,
+                                                 bool fp32_output);
+std::tuple<at::Tensor, at::Tensor> rms_norm_backward_with(const NormKernels& kernels, const at::Tensor& grad_y,
+                                                          const at::Tensor& x, const at::Tensor& weight,
+                                                          const at::Tensor& rstd, double offset, bool llama_cast);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_with(const NormKernels& kernels, const at::Tensor& x,
+                                                               const at::Tensor& weight,
+                                                               const std::optional<at::Tensor>& bias, double eps,
+                                                               bool fp32_output);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_backward_with(const NormKernels& kernels,
+                                                                        const at::Tensor& grad_y, const at::Tensor& x,
+                                                                        const at::Tensor& weight,
+                                                                        const at::Tensor& mean,
+                                                                        const at::Tensor& rstd);
 
-// A parameter as the kernels read it: contiguous, in the math dtype.
-at::Tensor norm_param(const at::Tensor& p, at::ScalarType math);
+// Registers the four ops in a TORCH_LIBRARY_IMPL block with the kernels `Kernels()` returns.
+template <const NormKernels& (*Kernels)()>
+void register_norm_ops(torch::Library& m) {
+  m.impl("rms_norm", [](const at::Tensor& x, const at::Tensor& w, double eps, double offset, bool llama,
+                        bool fp32_output) { return rms_norm_with(Kernels(), x, w, eps, offset, llama, fp32_output); });
+  m.impl("rms_norm_backward", [](const at::Tensor& g, const at::Tensor& x, const at::Tensor& w,
+                                 const at::Tensor& rstd, double offset, bool llama) {
+    return rms_norm_backward_with(Kernels(), g, x, w, rstd, offset, llama);
+  });
+  m.impl("layer_norm", [](const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& b, double eps,
+                          bool fp32_output) { return layer_norm_with(Kernels(), x, w, b, eps, fp32_output); });
+  m.impl("layer_norm_backward", [](const at::Tensor& g, const at::Tensor& x, const at::Tensor& w,
+                                   const at::Tensor& mean, const at::Tensor& rstd) {
+    return layer_norm_backward_with(Kernels(), g, x, w, mean, rstd);
+  });
+}
 
 // Calls fn(T{}, O{}, A{}) with x's C++ type T, the output's (or incoming gradient's) type O,
 // which is T or float, and the math type A.
