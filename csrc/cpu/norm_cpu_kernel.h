@@ -74,6 +74,26 @@ inline int64_t vec_end(int64_t n) {
 // Rows per parallel task: enough elements to amortize the task.
 inline int64_t row_grain(int64_t n) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(n, 1)); }
 
+// Sum over a row of term(x_j): SIMD lanes first, then the scalar tail. `term` takes fVec or A.
+template <typename A, typename T, typename Term>
+A row_sum(const T* xr, int64_t n, const Term& term) {
+  const int64_t nv = vec_end<T, A>(n);
+  A s = 0;
+  if constexpr (std::is_same_v<A, float>) {
+    fVec s0(0.f), s1(0.f), a, b;
+    for (int64_t j = 0; j < nv; j += kStep) {
+      load2(xr + j, a, b);
+      s0 = s0 + term(a);
+      s1 = s1 + term(b);
+    }
+    s = hsum(s0 + s1);
+  }
+  for (int64_t j = nv; j < n; ++j) {
+    s += term(static_cast<A>(xr[j]));
+  }
+  return s;
+}
+
 template <typename T, typename O, typename A, bool LLAMA>
 void rms_forward_rows(const T* x, const A* w, O* y, A* rstd, int64_t rows, int64_t n, A eps, A offset) {
   at::parallel_for(0, rows, row_grain(n), [&](int64_t begin, int64_t end) {
@@ -81,21 +101,7 @@ void rms_forward_rows(const T* x, const A* w, O* y, A* rstd, int64_t rows, int64
       const T* xr = x + r * n;
       O* yr = y + r * n;
       const int64_t nv = vec_end<T, A>(n);
-      A ss = 0;
-      if constexpr (std::is_same_v<A, float>) {
-        fVec s0(0.f), s1(0.f), a, b;
-        for (int64_t j = 0; j < nv; j += kStep) {
-          load2(xr + j, a, b);
-          s0 = at::vec::fmadd(a, a, s0);
-          s1 = at::vec::fmadd(b, b, s1);
-        }
-        ss = hsum(s0 + s1);
-      }
-      for (int64_t j = nv; j < n; ++j) {
-        const A v = static_cast<A>(xr[j]);
-        ss += v * v;
-      }
-      const A rs = row_rstd(ss, n, eps);
+      const A rs = row_rstd(row_sum<A>(xr, n, [](auto v) { return v * v; }), n, eps);
       rstd[r] = rs;
       if constexpr (std::is_same_v<A, float>) {
         const fVec rv(rs), ov(offset);
@@ -129,38 +135,12 @@ void layer_forward_rows(const T* x, const A* w, const A* bias, O* y, A* mean, A*
       O* yr = y + r * n;
       const int64_t nv = vec_end<T, A>(n);
       // Two passes (mean, then squared deviations): no cancellation for rows with a large mean.
-      A s = 0;
-      if constexpr (std::is_same_v<A, float>) {
-        fVec s0(0.f), s1(0.f), a, b;
-        for (int64_t j = 0; j < nv; j += kStep) {
-          load2(xr + j, a, b);
-          s0 = s0 + a;
-          s1 = s1 + b;
-        }
-        s = hsum(s0 + s1);
-      }
-      for (int64_t j = nv; j < n; ++j) {
-        s += static_cast<A>(xr[j]);
-      }
-      const A mu = s / static_cast<A>(n);
-      A ss = 0;
-      if constexpr (std::is_same_v<A, float>) {
-        const fVec mv(mu);
-        fVec s0(0.f), s1(0.f), a, b;
-        for (int64_t j = 0; j < nv; j += kStep) {
-          load2(xr + j, a, b);
-          a = a - mv;
-          b = b - mv;
-          s0 = at::vec::fmadd(a, a, s0);
-          s1 = at::vec::fmadd(b, b, s1);
-        }
-        ss = hsum(s0 + s1);
-      }
-      for (int64_t j = nv; j < n; ++j) {
-        const A d = static_cast<A>(xr[j]) - mu;
-        ss += d * d;
-      }
-      const A rs = row_rstd(ss, n, eps);
+      const A mu = row_sum<A>(xr, n, [](auto v) { return v; }) / static_cast<A>(n);
+      const A rs = row_rstd(row_sum<A>(xr, n, [mu](auto v) {
+                              const auto d = v - decltype(v)(mu);
+                              return d * d;
+                            }),
+                            n, eps);
       mean[r] = mu;
       rstd[r] = rs;
       if constexpr (std::is_same_v<A, float>) {
@@ -221,7 +201,7 @@ void rms_backward_rows(const G* g, const T* x, const A* w, const A* rstd, T* dx,
         T* dxr = dx + r * n;
         const A rs = rstd[r];
         const int64_t nv = vec_end<T, A>(n);
-        // dot = sum(g * w' * x); mean(g * w' * xhat) = dot * rstd / n.
+        // mean(g * w' * xhat) = sum(g * w' * x) * rstd / n.
         A dot = 0;
         if constexpr (std::is_same_v<A, float>) {
           const fVec ov(offset);

@@ -59,6 +59,20 @@ __device__ __forceinline__ A row_sum(A v, int tpr, A* shared) {
   return warp_sum(lane < static_cast<int>(blockDim.x >> 5) ? shared[lane] : A(0));
 }
 
+// This thread's share of sum(term(x_j)) over a row: packs lane, lane + tpr, ...
+template <typename A, int VEC, typename T, typename Term>
+__device__ __forceinline__ A thread_row_sum(const T* xr, int64_t packs, int lane, int tpr, const Term& term) {
+  A s = 0;
+  for (int64_t i = lane; i < packs; i += tpr) {
+    const auto p = load_pack<T, VEC>(xr, i);
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) {
+      s += term(static_cast<A>(p.v[k]));
+    }
+  }
+  return s;
+}
+
 template <typename T, typename O, typename A, int VEC>
 __global__ void rms_forward_kernel(const T* __restrict__ x, const A* __restrict__ w, O* __restrict__ y,
                                    A* __restrict__ rstd, int64_t rows, int64_t n, A eps, A offset, bool llama,
@@ -70,15 +84,7 @@ __global__ void rms_forward_kernel(const T* __restrict__ x, const A* __restrict_
   for (int64_t row = static_cast<int64_t>(blockIdx.x) * rows_per_block + threadIdx.x / tpr; row < rows;
        row += static_cast<int64_t>(gridDim.x) * rows_per_block) {
     const T* xr = x + row * n;
-    A ss = 0;
-    for (int64_t i = lane; i < packs; i += tpr) {
-      const auto p = load_pack<T, VEC>(xr, i);
-#pragma unroll
-      for (int k = 0; k < VEC; ++k) {
-        const A v = static_cast<A>(p.v[k]);
-        ss += v * v;
-      }
-    }
+    const A ss = thread_row_sum<A, VEC>(xr, packs, lane, tpr, [](A v) { return v * v; });
     const A rs = norm::row_rstd(row_sum(ss, tpr, red), n, eps);
     if (lane == 0) {
       rstd[row] = rs;
@@ -113,24 +119,9 @@ __global__ void layer_forward_kernel(const T* __restrict__ x, const A* __restric
     const T* xr = x + row * n;
     // Mean first, then squared deviations: no cancellation for rows with a large mean. The
     // second and third reads of the row hit L1/L2.
-    A s = 0;
-    for (int64_t i = lane; i < packs; i += tpr) {
-      const auto p = load_pack<T, VEC>(xr, i);
-#pragma unroll
-      for (int k = 0; k < VEC; ++k) {
-        s += static_cast<A>(p.v[k]);
-      }
-    }
+    const A s = thread_row_sum<A, VEC>(xr, packs, lane, tpr, [](A v) { return v; });
     const A mu = row_sum(s, tpr, red) / static_cast<A>(n);
-    A ss = 0;
-    for (int64_t i = lane; i < packs; i += tpr) {
-      const auto p = load_pack<T, VEC>(xr, i);
-#pragma unroll
-      for (int k = 0; k < VEC; ++k) {
-        const A d = static_cast<A>(p.v[k]) - mu;
-        ss += d * d;
-      }
-    }
+    const A ss = thread_row_sum<A, VEC>(xr, packs, lane, tpr, [mu](A v) { return (v - mu) * (v - mu); });
     const A rs = norm::row_rstd(row_sum(ss, tpr, red), n, eps);
     if (lane == 0) {
       mean[row] = mu;
@@ -294,7 +285,7 @@ bool aligned(const void* p, size_t bytes) { return reinterpret_cast<uintptr_t>(p
 // Calls fn(std::integral_constant<int, VEC>) with VEC = 16 / sizeof(T) when n and every pointer
 // allow whole 16-byte packs of T (and matching packs of the other types), else with VEC = 1.
 template <typename T, typename Fn>
-void dispatch_vec(int64_t n, std::initializer_list<std::pair<const void*, size_t>> ptrs, Fn&& fn) {
+void dispatch_vec(int64_t n, const std::vector<std::pair<const void*, size_t>>& ptrs, Fn&& fn) {
   constexpr int kVec = 16 / sizeof(T);
   bool ok = n % kVec == 0;
   for (const auto& [p, elem] : ptrs) {
@@ -323,54 +314,53 @@ norm::RowPartition cuda_partition(int64_t rows, const RowLaunch& launch) {
 
 // Launchers, in the NormKernels shape: inputs contiguous, parameters in the math dtype, outputs
 // allocated (norm_cpu.cpp's rms_norm_with and friends prepare them).
-void rms_forward(const at::Tensor& x, const at::Tensor& w, at::Tensor& y, at::Tensor& rstd, double eps, double offset,
-                 bool llama) {
+// Picks the types and pack width (x, y and `params`, in the math dtype, must allow whole packs)
+// and the launch shape, then lets `launch` launch its forward kernel.
+template <typename Launch>
+void run_forward(const at::Tensor& x, const at::Tensor& y, std::initializer_list<const at::Tensor*> params,
+                 Launch&& launch) {
   c10::cuda::CUDAGuard guard(x.device());
   const int64_t n = x.size(-1);
   const int64_t rows = x.numel() / n;
   auto stream = at::cuda::getCurrentCUDAStream();
   dispatch_norm_types(x.scalar_type(), y.scalar_type(), [&](auto t, auto o, auto acc) {
+    std::vector<std::pair<const void*, size_t>> ptrs{{x.const_data_ptr(), sizeof(t)}, {y.const_data_ptr(), sizeof(o)}};
+    for (const at::Tensor* p : params) {
+      ptrs.emplace_back(p->const_data_ptr(), sizeof(acc));
+    }
+    dispatch_vec<decltype(t)>(n, ptrs, [&](auto vec) {
+      const auto rl = row_launch(n / decltype(vec)::value);
+      const int64_t rows_per_block = rl.threads / rl.tpr;
+      const dim3 grid(grid_for((rows + rows_per_block - 1) / rows_per_block));
+      launch(t, o, acc, vec, grid, rl, rows, n, stream);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+}
+
+void rms_forward(const at::Tensor& x, const at::Tensor& w, at::Tensor& y, at::Tensor& rstd, double eps, double offset,
+                 bool llama) {
+  run_forward(x, y, {&w}, [&](auto t, auto o, auto acc, auto vec, dim3 grid, RowLaunch rl, int64_t rows, int64_t n,
+                              cudaStream_t stream) {
     using T = decltype(t);
     using O = decltype(o);
     using A = decltype(acc);
-    dispatch_vec<T>(n, {{x.const_data_ptr(), sizeof(T)}, {w.const_data_ptr(), sizeof(A)}, {y.const_data_ptr(), sizeof(O)}},
-                    [&](auto vec) {
-                      constexpr int VEC = decltype(vec)::value;
-                      const auto launch = row_launch(n / VEC);
-                      const int64_t rows_per_block = launch.threads / launch.tpr;
-                      rms_forward_kernel<T, O, A, VEC><<<grid_for((rows + rows_per_block - 1) / rows_per_block),
-                                                         launch.threads, 0, stream>>>(
-                          x.const_data_ptr<T>(), w.const_data_ptr<A>(), y.mutable_data_ptr<O>(),
-                          rstd.mutable_data_ptr<A>(), rows, n, static_cast<A>(eps), static_cast<A>(offset), llama,
-                          launch.tpr);
-                      C10_CUDA_KERNEL_LAUNCH_CHECK();
-                    });
+    rms_forward_kernel<T, O, A, decltype(vec)::value><<<grid, rl.threads, 0, stream>>>(
+        x.const_data_ptr<T>(), w.const_data_ptr<A>(), y.mutable_data_ptr<O>(), rstd.mutable_data_ptr<A>(), rows, n,
+        static_cast<A>(eps), static_cast<A>(offset), llama, rl.tpr);
   });
 }
 
 void layer_forward(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b, at::Tensor& y, at::Tensor& mean,
                    at::Tensor& rstd, double eps) {
-  c10::cuda::CUDAGuard guard(x.device());
-  const int64_t n = x.size(-1);
-  const int64_t rows = x.numel() / n;
-  auto stream = at::cuda::getCurrentCUDAStream();
-  dispatch_norm_types(x.scalar_type(), y.scalar_type(), [&](auto t, auto o, auto acc) {
+  run_forward(x, y, {&w, &b}, [&](auto t, auto o, auto acc, auto vec, dim3 grid, RowLaunch rl, int64_t rows,
+                                  int64_t n, cudaStream_t stream) {
     using T = decltype(t);
     using O = decltype(o);
     using A = decltype(acc);
-    dispatch_vec<T>(n, {{x.const_data_ptr(), sizeof(T)}, {w.const_data_ptr(), sizeof(A)}, {b.const_data_ptr(), sizeof(A)},
-                        {y.const_data_ptr(), sizeof(O)}},
-                    [&](auto vec) {
-                      constexpr int VEC = decltype(vec)::value;
-                      const auto launch = row_launch(n / VEC);
-                      const int64_t rows_per_block = launch.threads / launch.tpr;
-                      layer_forward_kernel<T, O, A, VEC><<<grid_for((rows + rows_per_block - 1) / rows_per_block),
-                                                           launch.threads, 0, stream>>>(
-                          x.const_data_ptr<T>(), w.const_data_ptr<A>(), b.const_data_ptr<A>(), y.mutable_data_ptr<O>(),
-                          mean.mutable_data_ptr<A>(), rstd.mutable_data_ptr<A>(), rows, n, static_cast<A>(eps),
-                          launch.tpr);
-                      C10_CUDA_KERNEL_LAUNCH_CHECK();
-                    });
+    layer_forward_kernel<T, O, A, decltype(vec)::value><<<grid, rl.threads, 0, stream>>>(
+        x.const_data_ptr<T>(), w.const_data_ptr<A>(), b.const_data_ptr<A>(), y.mutable_data_ptr<O>(),
+        mean.mutable_data_ptr<A>(), rstd.mutable_data_ptr<A>(), rows, n, static_cast<A>(eps), rl.tpr);
   });
 }
 
