@@ -6,7 +6,10 @@ forward+backward of:
   (a) eager HF LlamaRMSNorm / nn.LayerNorm holding the fp32 weight (what upcast_layernorm leaves)
   (b) torch.compile of (a)
   (c) F.rms_norm / F.layer_norm with the same arguments
-  (d) x.clone(): a plain copy of x, the memory-bound limit of a forward
+  (d) x.clone(): a plain copy of x, the memory-bound limit of a forward (it allocates its output,
+      as every norm here does; on CPU, first touch of a fresh 32 MiB block can cost more than
+      the copy, so (e) shows the copy alone)
+  (e) y.copy_(x) into a preallocated y: forward only
 and prints medians, each baseline's median divided by torchgc's (>1: torchgc is faster), and the
 bytes moved per second. Usage: python -m benchmarks.bench_norm [--quick] [--device cuda]
 """
@@ -77,7 +80,20 @@ def _candidates(kind, weight, bias):
         "(b) compiled eager": torch.compile(eager),
         "(c) F." + ("rms_norm" if kind == "rms" else "layer_norm"): functional,
         "(d) copy of x": lambda x: x.clone(),
+        "(e) copy_ preallocated": _preallocated_copy(),
     }
+
+
+def _preallocated_copy():
+    out = {}
+
+    def copy(x):
+        if "y" not in out:
+            out["y"] = torch.empty_like(x)
+        return out["y"].copy_(x)
+
+    copy.forward_only = True
+    return copy
 
 
 def _bytes(x, y_dtype, weight, backward):
@@ -109,7 +125,7 @@ def run(kind, rows, hidden, device, repeats, warmup):
 
         y_dtype = forward().dtype
         t_fwd = _median_seconds(forward, device, repeats, warmup)
-        t_train = _median_seconds(train, device, repeats, warmup)
+        t_train = float("nan") if getattr(fn, "forward_only", False) else _median_seconds(train, device, repeats, warmup)
         results.append({
             "kind": kind, "name": name, "fwd_s": t_fwd, "fwd_bwd_s": t_train,
             "fwd_GBps": _bytes(x, y_dtype, weight, False) / t_fwd / 1e9,
