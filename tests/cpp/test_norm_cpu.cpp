@@ -4,6 +4,8 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <gtest/gtest.h>
 
+#include "error_of.h"
+
 #include <cmath>
 #include <functional>
 #include <numeric>
@@ -17,15 +19,6 @@ namespace {
 using torchgc::norm::ColumnOf;
 using torchgc::norm::pairwise_sum;
 using torchgc::norm::partition_rows;
-
-std::string error_of(const std::function<void()>& fn) {
-  try {
-    fn();
-  } catch (const c10::Error& e) {
-    return e.what_without_backtrace();
-  }
-  return "";
-}
 
 std::tuple<at::Tensor, at::Tensor> call_rms_norm(const at::Tensor& x, const at::Tensor& w, double eps, double offset,
                                                  bool llama, bool fp32_output) {

@@ -3,6 +3,8 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <gtest/gtest.h>
 
+#include "error_of.h"
+
 #include "torchgc/host_pool.h"
 
 namespace {
@@ -15,15 +17,6 @@ at::Tensor call_offload(const at::Tensor& x) {
 at::Tensor call_reload(const at::Tensor& host, c10::Device device) {
   static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("torchgc::reload", "").typed<at::Tensor(const at::Tensor&, c10::Device)>();
   return op.call(host, device);
-}
-
-std::string error_of(const std::function<void()>& fn) {
-  try {
-    fn();
-  } catch (const c10::Error& e) {
-    return e.what_without_backtrace();
-  }
-  return "";
 }
 
 TEST(OffloadCpu, RoundTripKeepsValuesShapeAndDtype) {
