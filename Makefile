@@ -18,7 +18,7 @@ OVERLAYS := $(shell sed -n 's/^\#overlay \([^ ]*\) .*/\1/p' $(CONSTRAINTS))
 overlay-pins = $(shell sed -n 's/^\#overlay $(1) //p' $(CONSTRAINTS))
 PATCH_TESTS := $(wildcard tests/test_patch*.py)
 
-.PHONY: venv gtest build test pytest ctest demo clean overlays pytest-overlays FORCE
+.PHONY: venv gtest build test pytest ctest ctest-asan demo clean overlays pytest-overlays FORCE
 
 venv: $(VENV)/.installed
 $(VENV)/.installed: $(CONSTRAINTS)
@@ -38,6 +38,13 @@ build: venv gtest
 
 ctest: build
 	cd $(BUILD_DIR) && ctest --output-on-failure --no-tests=error
+
+# The C++ tests under AddressSanitizer + UBSan, in their own build folder (CPU kernels only; the
+# instrumented library is never installed into the package).
+ctest-asan: venv gtest
+	$(VENV)/bin/cmake -S . -B build/asan -DPython_EXECUTABLE=$(abspath $(PY)) -DTORCHGC_CUDA=OFF -DTORCHGC_BUILD_TESTS=ON -DTORCHGC_SANITIZE=ON -DCMAKE_BUILD_TYPE=RelWithDebInfo
+	$(VENV)/bin/cmake --build build/asan --parallel $(MAX_JOBS)
+	cd build/asan && ASAN_OPTIONS=detect_leaks=0 ctest --output-on-failure --no-tests=error
 
 pytest: build
 	$(PY) -m pytest -q -ra $(PYTEST_ARGS)
@@ -67,8 +74,9 @@ pytest-overlays: build overlays
 
 test: ctest pytest pytest-overlays
 
+# The main job: every strategy's memory and speed on the embedded default model.
 demo: build
-	$(PY) -m torchgc.demo
+	$(PY) -m torchgc.bench --out results
 
 clean:
 	rm -rf build torchgc/_C*.so *.egg-info

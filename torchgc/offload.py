@@ -117,9 +117,9 @@ class offload_hooks:
         if not self.policy.wants(tensor):
             return tensor
         key = _identity(tensor)
-        entry = _live(self.entries.get(key))
+        entry = _resident(self.entries.get(key))
         if entry is None:
-            entry = _live(_tracker.previous_call.get(key))
+            entry = _resident(_tracker.previous_call.get(key))
             if entry is not None:
                 entry.shared = True
         if entry is None:
@@ -136,6 +136,13 @@ class offload_hooks:
 
 def _live(ref):
     return ref() if ref is not None else None
+
+
+def _resident(ref):
+    # Only an entry still holding its device tensor keeps that storage alive; once offloaded, the
+    # storage may be freed and its address reused, so an identity match would be a false one.
+    entry = _live(ref)
+    return entry if entry is not None and entry.device_tensor is not None else None
 
 
 def _host_has_room(tensor: torch.Tensor, policy: OffloadPolicy) -> bool:
