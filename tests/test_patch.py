@@ -1,8 +1,10 @@
 """torchgc.patch(): what the patched gradient_checkpointing_enable sets, undoes and refuses."""
 
+import importlib.util
 import inspect
 import subprocess
 import sys
+import types
 import warnings
 
 import pytest
@@ -513,3 +515,81 @@ def test_prepare_model_for_training_respects_its_flags():
         torchgc.prepare_model_for_training(Unsupported(_LoopConfig()))
     with pytest.raises(ValueError, match=r"prepare_model_for_training\(\): argument 'strategy'"):
         torchgc.prepare_model_for_training(build("llama", layers=2), strategy="fast")
+
+
+# --- norm options ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def recorded_norm(monkeypatch):
+    """Stands in for torchgc.norm, recording each transform and whether checkpointing was on at
+    the time: these tests check patch's wiring, not the norms themselves."""
+    calls = []
+
+    class Handle:
+        def __init__(self, name):
+            self.name = name
+
+        def remove(self):
+            calls.append(("remove", self.name))
+
+    def transform(name):
+        def apply(model):
+            calls.append((name, model.is_gradient_checkpointing))
+            return Handle(name)
+
+        return apply
+
+    module = types.ModuleType("torchgc.norm")
+    module.upcast_layernorm = transform("upcast_layernorm")
+    module.fuse_norms = transform("fuse_norms")
+    module.upcast_lmhead_output = transform("upcast_lmhead_output")
+    monkeypatch.setitem(sys.modules, "torchgc.norm", module)
+    monkeypatch.setattr(torchgc, "norm", module, raising=False)
+    return calls
+
+
+def test_norm_options_are_applied_once_and_outlive_disable(recorded_norm):
+    torchgc.patch(upcast_layernorm=True, fused_norm=True)
+    model = build("llama", layers=2)
+    model.gradient_checkpointing_enable()
+    assert recorded_norm == [("upcast_layernorm", True), ("fuse_norms", True)]
+    model.gradient_checkpointing_disable()
+    model.gradient_checkpointing_enable()
+    model.gradient_checkpointing_enable({"upcast_lmhead_output": True})
+    assert recorded_norm == [("upcast_layernorm", True), ("fuse_norms", True), ("upcast_lmhead_output", True)]
+
+
+def test_prepare_model_for_training_runs_its_steps_in_llamafactory_order(recorded_norm):
+    model = build("llama", layers=2)
+    torchgc.prepare_model_for_training(model, upcast_layernorm=True, upcast_lmhead_output=True)
+    assert recorded_norm == [("upcast_layernorm", False), ("upcast_lmhead_output", True)]
+    assert set(model._torchgc_handles) == {"upcast_layernorm", "upcast_lmhead_output"}
+
+
+def test_norm_options_without_torchgc_norm_fail_before_changing_anything(monkeypatch):
+    monkeypatch.setitem(sys.modules, "torchgc.norm", None)  # makes the import fail
+    monkeypatch.delattr(torchgc, "norm", raising=False)
+    with pytest.raises(ImportError, match=r"torchgc.patch\(\): the options upcast_layernorm, fused_norm, upcast_lmhead_output need torchgc.norm"):
+        torchgc.patch(upcast_layernorm=True)
+    assert not tgc_patch.is_patched()
+    torchgc.patch()
+    model = build("llama", layers=2)
+    with pytest.raises(ImportError, match="need torchgc.norm"):
+        model.gradient_checkpointing_enable({"fused_norm": True})
+    assert not model.is_gradient_checkpointing
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("torchgc.norm") is None, reason="torchgc/norm.py is not in this tree yet (norm work not merged)"
+)
+def test_norm_options_with_the_real_torchgc_norm():
+    torchgc.patch(upcast_layernorm=True, fused_norm=True, upcast_lmhead_output=True)
+    model = build("llama", layers=2, dtype=torch.bfloat16)
+    model.gradient_checkpointing_enable()
+    norms = [p for n, p in model.named_parameters() if p.ndim == 1 and "norm" in n]
+    assert norms and all(p.dtype == torch.float32 for p in norms)
+    loss = model(**batch()).loss
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad)

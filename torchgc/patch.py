@@ -119,10 +119,20 @@ def _enable(
     call_kwargs = dict(kwargs) if kwargs else dict(state.call_kwargs)
     if offload:
         call_kwargs.setdefault("strategy", "offload")
+    remember = bool(kwargs) or offload
     if base is None:
         base = current_options() or config.resolve(function, {})
     options, forwarded = _split_kwargs(function, base, call_kwargs, argument)
     use_reentrant = default_use_reentrant() if options.use_reentrant is None else options.use_reentrant
+    norm_transforms = _norm_transforms_to_apply(state, options, function)
+    old_format = _uses_old_format(model)
+    if every_n_layers != 1 and (
+        old_format or "every_n_layers" not in inspect.signature(model._set_gradient_checkpointing).parameters
+    ):
+        raise ValueError(
+            f"{function}: argument 'every_n_layers' needs a transformers whose _set_gradient_checkpointing takes "
+            f"it; got every_n_layers={every_n_layers}"
+        )
     if use_reentrant and fsdp.uses_fsdp2(model):
         if not state.warned_fsdp2:
             warnings.warn(
@@ -132,14 +142,6 @@ def _enable(
             )
             state.warned_fsdp2 = True
         use_reentrant = False
-    old_format = _uses_old_format(model)
-    if every_n_layers != 1 and (
-        old_format or "every_n_layers" not in inspect.signature(model._set_gradient_checkpointing).parameters
-    ):
-        raise ValueError(
-            f"{function}: argument 'every_n_layers' needs a transformers whose _set_gradient_checkpointing takes "
-            f"it; got every_n_layers={every_n_layers}"
-        )
 
     from torchgc.checkpoint import checkpoint
 
@@ -164,13 +166,14 @@ def _enable(
     else:
         model._set_gradient_checkpointing(enable=True, gradient_checkpointing_func=gc_func)
 
-    if kwargs:
-        state.call_kwargs = dict(kwargs)
+    if remember:
+        state.call_kwargs = call_kwargs
     needs_input_grads = use_reentrant or getattr(model, "_hf_peft_config_loaded", False)
     if needs_input_grads and state.input_grad_hook is None:
         state.input_grad_hook = _require_input_grads(model)
     _turn_off_cache(model, state)
-    _apply_norm_options(model, state, options)
+    for name, transform in norm_transforms.items():
+        state.norm_handles[name] = transform(model)
 
 
 def _disable(model) -> None:
@@ -225,22 +228,26 @@ def _turn_off_cache(model, state: _ModelState) -> None:
         cfg.use_cache = False
 
 
-def _apply_norm_options(model, state: _ModelState, options: config.Options) -> None:
+NORM_OPTIONS = ("upcast_layernorm", "fused_norm", "upcast_lmhead_output")
+
+
+def norm_functions(function: str) -> Dict[str, Callable]:
+    """torchgc.norm's model transforms by option name; each returns a handle whose remove() undoes it."""
+    try:
+        from torchgc import norm
+    except ImportError as exc:
+        raise ImportError(f"{function}: the options {', '.join(NORM_OPTIONS)} need torchgc.norm, which failed to import: {exc}") from exc
+    return {"upcast_layernorm": norm.upcast_layernorm, "fused_norm": norm.fuse_norms, "upcast_lmhead_output": norm.upcast_lmhead_output}
+
+
+def _norm_transforms_to_apply(state: _ModelState, options: config.Options, function: str) -> Dict[str, Callable]:
     # Norm changes outlive disable: TRL disables checkpointing around every generation, and
     # round-tripping fp32 norm weights through the model dtype each time would lose precision.
-    wanted = {
-        "upcast_layernorm": options.upcast_layernorm,
-        "fused_norm": options.fused_norm,
-        "upcast_lmhead_output": options.upcast_lmhead_output,
-    }
-    if not any(on and name not in state.norm_handles for name, on in wanted.items()):
-        return
-    from torchgc import norm
-
-    functions = {"upcast_layernorm": norm.upcast_layernorm, "fused_norm": norm.fuse_norms, "upcast_lmhead_output": norm.upcast_lmhead_output}
-    for name, on in wanted.items():
-        if on and name not in state.norm_handles:
-            state.norm_handles[name] = functions[name](model)
+    missing = [name for name in NORM_OPTIONS if getattr(options, name) and name not in state.norm_handles]
+    if not missing:
+        return {}
+    functions = norm_functions(function)
+    return {name: functions[name] for name in missing}
 
 
 def _delegate_to_override(model, name: str):
@@ -332,6 +339,8 @@ def patch(
         min_offload_bytes=min_offload_bytes,
     )
     options = config.resolve("torchgc.patch()", given)
+    if any(getattr(options, name) for name in NORM_OPTIONS):
+        norm_functions("torchgc.patch()")
     cls = _pretrained_model_class()
     with _lock:
         if not _originals:

@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 
 from torchgc import config
-from torchgc.patch import install_on_model
+from torchgc.patch import install_on_model, norm_functions
 
 
 def prepare_model_for_training(
@@ -43,11 +43,11 @@ def prepare_model_for_training(
     config.check(function, "use_reentrant", use_reentrant)
     options = dataclasses.replace(config.resolve(function, {"strategy": strategy}), use_reentrant=use_reentrant)
 
+    norm = norm_functions(function) if upcast_layernorm or upcast_lmhead_output else {}
+
     handles = {}
     if upcast_layernorm:
-        from torchgc import norm
-
-        handles["upcast_layernorm"] = norm.upcast_layernorm(model)
+        handles["upcast_layernorm"] = norm["upcast_layernorm"](model)
 
     if not disable_gradient_checkpointing:
         if not getattr(model, "supports_gradient_checkpointing", False):
@@ -57,9 +57,7 @@ def prepare_model_for_training(
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": options.use_reentrant})
 
     if upcast_lmhead_output:
-        from torchgc import norm
-
-        handles["upcast_lmhead_output"] = norm.upcast_lmhead_output(model)
+        handles["upcast_lmhead_output"] = norm["upcast_lmhead_output"](model)
     if handles:
         model.__dict__.setdefault("_torchgc_handles", {}).update(handles)
     return model
