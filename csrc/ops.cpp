@@ -41,6 +41,15 @@ TORCH_LIBRARY(torchgc, m) {
   m.def("set_host_pool_limit(int bytes) -> ()", &torchgc::set_host_pool_limit);
   m.def("empty_host_pool() -> ()", &torchgc::empty_host_pool);
   m.def("build_info() -> str[]", &torchgc::build_info);
+
+  // Fused norms over x's last dimension, fp32 math (float64 for float64 x). y is in x's dtype,
+  // or float32 with fp32_output. rstd (and mean) hold one value per row, in the math dtype, for
+  // the backward. rms_norm: y = x * rstd * (offset + weight); llama_cast rounds x * rstd to x's
+  // dtype before the weight multiplies it, as HF's LlamaRMSNorm does.
+  m.def("rms_norm(Tensor x, Tensor weight, float eps, float offset, bool llama_cast, bool fp32_output) -> (Tensor y, Tensor rstd)");
+  m.def("rms_norm_backward(Tensor grad_y, Tensor x, Tensor weight, Tensor rstd, float offset, bool llama_cast) -> (Tensor dx, Tensor dweight)");
+  m.def("layer_norm(Tensor x, Tensor weight, Tensor? bias, float eps, bool fp32_output) -> (Tensor y, Tensor mean, Tensor rstd)");
+  m.def("layer_norm_backward(Tensor grad_y, Tensor x, Tensor weight, Tensor mean, Tensor rstd) -> (Tensor dx, Tensor dweight, Tensor dbias)");
 }
 
 // Offloading moves saved tensors' bytes; it is not part of the differentiated computation, so

@@ -18,6 +18,8 @@ DEVICE_OPS = ["offload", "wait"]
 ROUTED_OPS = ["reload"]
 # Ops without tensor arguments (bookkeeping): one kernel for every key.
 UTILITY_OPS = ["host_pool_stats", "set_host_pool_limit", "empty_host_pool", "build_info"]
+# The fused norms and their backward ops.
+DEVICE_OPS += ["rms_norm", "rms_norm_backward", "layer_norm", "layer_norm_backward"]
 
 
 def all_torchgc_ops():

@@ -1,0 +1,177 @@
+"""Benchmark of torchgc's fused norms against the ways people run them today.
+
+For RMSNorm and LayerNorm on (rows, hidden) with bf16 x and an fp32 weight, times forward and
+forward+backward of:
+  torchgc   torchgc.ops.rms_norm / layer_norm
+  (a) eager HF LlamaRMSNorm / nn.LayerNorm holding the fp32 weight (what upcast_layernorm leaves)
+  (b) torch.compile of (a)
+  (c) F.rms_norm / F.layer_norm with the same arguments
+  (d) x.clone(): a plain copy of x, the memory-bound limit of a forward (it allocates its output,
+      as every norm here does; on CPU, first touch of a fresh 32 MiB block can cost more than
+      the copy, so (e) shows the copy alone)
+  (e) y.copy_(x) into a preallocated y: forward only
+and prints medians, each baseline's median divided by torchgc's (>1: torchgc is faster), and the
+bytes moved per second. Usage: python -m benchmarks.bench_norm [--quick] [--device cuda]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+EPS = 1e-6
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _median_seconds(fn, device, repeats, warmup):
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _eager_rms(weight):
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    module = LlamaRMSNorm(weight.shape[0], eps=EPS).to(weight.device)
+    module.weight = nn.Parameter(weight.detach().clone())
+    return module
+
+
+def _eager_layer(weight, bias):
+    module = nn.LayerNorm(weight.shape[0], eps=EPS).to(weight.device)
+    module.weight = nn.Parameter(weight.detach().clone())
+    module.bias = nn.Parameter(bias.detach().clone())
+    return module
+
+
+def _candidates(kind, weight, bias):
+    from torchgc import ops
+
+    hidden = weight.shape[0]
+    w = weight.detach().clone().requires_grad_(True)
+    b = bias.detach().clone().requires_grad_(True)
+    if kind == "rms":
+        eager = _eager_rms(weight)
+        fused = lambda x: ops.rms_norm(x, w, EPS)  # noqa: E731
+        functional = lambda x: F.rms_norm(x, (hidden,), w, EPS)  # noqa: E731
+    else:
+        eager = _eager_layer(weight, bias)
+        fused = lambda x: ops.layer_norm(x, w, b, EPS)  # noqa: E731
+        functional = lambda x: F.layer_norm(x, (hidden,), w, b, EPS)  # noqa: E731
+    return {
+        "torchgc": fused,
+        "(a) eager": eager,
+        "(b) compiled eager": torch.compile(eager),
+        "(c) F." + ("rms_norm" if kind == "rms" else "layer_norm"): functional,
+        "(d) copy of x": lambda x: x.clone(),
+        "(e) copy_ preallocated": _preallocated_copy(),
+    }
+
+
+def _preallocated_copy():
+    out = {}
+
+    def copy(x):
+        if "y" not in out:
+            out["y"] = torch.empty_like(x)
+        return out["y"].copy_(x)
+
+    copy.forward_only = True
+    return copy
+
+
+def _bytes(x, y_dtype, weight, backward):
+    n = x.numel()
+    moved = n * x.element_size() + n * torch.tensor([], dtype=y_dtype).element_size() + weight.numel() * 4
+    if backward:  # read x and grad_y, write dx, write dweight
+        moved += 3 * n * x.element_size() + weight.numel() * 4
+    return moved
+
+
+def run(kind, rows, hidden, device, repeats, warmup):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(rows, hidden, generator=gen).to(device, torch.bfloat16)
+    grad = torch.randn(rows, hidden, generator=gen).to(device, torch.bfloat16)
+    weight = (1 + 0.1 * torch.randn(hidden, generator=gen)).to(device)
+    bias = (0.1 * torch.randn(hidden, generator=gen)).to(device)
+    results = []
+    for name, fn in _candidates(kind, weight, bias).items():
+        def forward(fn=fn):
+            with torch.no_grad():
+                return fn(x)
+
+        xg = x.detach().clone().requires_grad_(True)
+
+        def train(fn=fn):
+            xg.grad = None
+            y = fn(xg)
+            y.backward(grad.to(y.dtype))
+
+        y_dtype = forward().dtype
+        t_fwd = _median_seconds(forward, device, repeats, warmup)
+        t_train = float("nan") if getattr(fn, "forward_only", False) else _median_seconds(train, device, repeats, warmup)
+        results.append({
+            "kind": kind, "name": name, "fwd_s": t_fwd, "fwd_bwd_s": t_train,
+            "fwd_GBps": _bytes(x, y_dtype, weight, False) / t_fwd / 1e9,
+            "fwd_bwd_GBps": _bytes(x, y_dtype, weight, True) / t_train / 1e9,
+        })
+    ours = results[0]
+    for r in results:
+        r["fwd_ratio"] = r["fwd_s"] / ours["fwd_s"]
+        r["fwd_bwd_ratio"] = r["fwd_bwd_s"] / ours["fwd_bwd_s"]
+    return results
+
+
+def _print(results, rows, hidden, device):
+    print(f"\n{results[0]['kind']} norm, x [{rows}, {hidden}] bf16, weight fp32, device {device}, "
+          f"{torch.get_num_threads()} threads (medians; ratio = time / torchgc's time)")
+    print(f"{'':24} {'fwd ms':>9} {'ratio':>7} {'GB/s':>7} {'fwd+bwd ms':>11} {'ratio':>7} {'GB/s':>7}")
+    for r in results:
+        print(f"{r['name']:24} {r['fwd_s'] * 1e3:9.3f} {r['fwd_ratio']:7.2f} {r['fwd_GBps']:7.1f} "
+              f"{r['fwd_bwd_s'] * 1e3:11.3f} {r['fwd_bwd_ratio']:7.2f} {r['fwd_bwd_GBps']:7.1f}")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer repeats and a smaller batch (smoke run)")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available, and cpu)")
+    parser.add_argument("--rows", type=int, default=4096)
+    parser.add_argument("--hidden", type=int, default=4096)
+    parser.add_argument("--repeats", type=int, default=None)
+    args = parser.parse_args(argv)
+    rows = 512 if args.quick else args.rows
+    repeats = args.repeats or (5 if args.quick else 30)
+    warmup = 2 if args.quick else 5
+    if args.device:
+        devices = [torch.device(args.device)]
+    else:
+        devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+    all_results = []
+    for device in devices:
+        for kind in ("rms", "layer"):
+            results = run(kind, rows, args.hidden, device, repeats, warmup)
+            _print(results, rows, args.hidden, device)
+            for r in results:
+                r["device"] = str(device)
+            all_results.extend(results)
+    return all_results
+
+
+if __name__ == "__main__":
+    main()

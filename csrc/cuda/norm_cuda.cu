@@ -1,0 +1,439 @@
+// CUDA kernels of the fused norms. A row is handled by one warp (short rows) or one block (long
+// rows); each thread reads 16-byte packs when every pointer is aligned and the row length is a
+// multiple of the pack, and single elements otherwise. Sums are in the math type (fp32, or fp64
+// for float64 x) with warp shuffles. The weight gradient is reduced in two stages with no
+// atomics: each row group owns a row of a [groups, hidden] buffer, then a second kernel sums
+// each column over the groups in a fixed pairwise order.
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <cstdint>
+#include <vector>
+
+#include "torchgc/norm.h"
+#include "torchgc/norm_row.h"
+
+namespace torchgc {
+namespace {
+
+template <typename T, int N>
+struct alignas(sizeof(T) * N) Pack {
+  T v[N];
+};
+
+template <typename T, int N>
+__device__ __forceinline__ Pack<T, N> load_pack(const T* base, int64_t i) {
+  return reinterpret_cast<const Pack<T, N>*>(base)[i];
+}
+
+template <typename T, int N>
+__device__ __forceinline__ void store_pack(T* base, int64_t i, const Pack<T, N>& p) {
+  reinterpret_cast<Pack<T, N>*>(base)[i] = p;
+}
+
+template <typename A>
+__device__ __forceinline__ A warp_sum(A v) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) {
+    v += __shfl_xor_sync(0xffffffffu, v, offset);
+  }
+  return v;
+}
+
+// Sum over the threads sharing a row: one warp (tpr == 32) or the whole block. Every warp ends
+// with the same total, summed in the same order.
+template <typename A>
+__device__ __forceinline__ A row_sum(A v, int tpr, A* shared) {
+  v = warp_sum(v);
+  if (tpr == 32) {
+    return v;
+  }
+  const int warp = threadIdx.x >> 5;
+  const int lane = threadIdx.x & 31;
+  __syncthreads();  // the previous call's readers are done with `shared`
+  if (lane == 0) {
+    shared[warp] = v;
+  }
+  __syncthreads();
+  return warp_sum(lane < static_cast<int>(blockDim.x >> 5) ? shared[lane] : A(0));
+}
+
+// This thread's share of sum(term(x_j)) over a row: packs lane, lane + tpr, ...
+template <typename A, int VEC, typename T, typename Term>
+__device__ __forceinline__ A thread_row_sum(const T* xr, int64_t packs, int lane, int tpr, const Term& term) {
+  A s = 0;
+  for (int64_t i = lane; i < packs; i += tpr) {
+    const auto p = load_pack<T, VEC>(xr, i);
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) {
+      s += term(static_cast<A>(p.v[k]));
+    }
+  }
+  return s;
+}
+
+template <typename T, typename O, typename A, int VEC>
+__global__ void rms_forward_kernel(const T* __restrict__ x, const A* __restrict__ w, O* __restrict__ y,
+                                   A* __restrict__ rstd, int64_t rows, int64_t n, A eps, A offset, bool llama,
+                                   int tpr) {
+  __shared__ A red[32];
+  const int rows_per_block = blockDim.x / tpr;
+  const int lane = threadIdx.x % tpr;
+  const int64_t packs = n / VEC;
+  for (int64_t row = static_cast<int64_t>(blockIdx.x) * rows_per_block + threadIdx.x / tpr; row < rows;
+       row += static_cast<int64_t>(gridDim.x) * rows_per_block) {
+    const T* xr = x + row * n;
+    const A ss = thread_row_sum<A, VEC>(xr, packs, lane, tpr, [](A v) { return v * v; });
+    const A rs = norm::row_rstd(row_sum(ss, tpr, red), n, eps);
+    if (lane == 0) {
+      rstd[row] = rs;
+    }
+    for (int64_t i = lane; i < packs; i += tpr) {
+      const auto p = load_pack<T, VEC>(xr, i);
+      const auto wp = load_pack<A, VEC>(w, i);
+      Pack<O, VEC> out;
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) {
+        A xhat = static_cast<A>(p.v[k]) * rs;
+        if (llama) {
+          xhat = norm::round_to<T>(xhat);
+        }
+        out.v[k] = static_cast<O>(norm::rms_y(xhat, wp.v[k], offset));
+      }
+      store_pack<O, VEC>(y + row * n, i, out);
+    }
+  }
+}
+
+template <typename T, typename O, typename A, int VEC>
+__global__ void layer_forward_kernel(const T* __restrict__ x, const A* __restrict__ w, const A* __restrict__ b,
+                                     O* __restrict__ y, A* __restrict__ mean, A* __restrict__ rstd, int64_t rows,
+                                     int64_t n, A eps, int tpr) {
+  __shared__ A red[32];
+  const int rows_per_block = blockDim.x / tpr;
+  const int lane = threadIdx.x % tpr;
+  const int64_t packs = n / VEC;
+  for (int64_t row = static_cast<int64_t>(blockIdx.x) * rows_per_block + threadIdx.x / tpr; row < rows;
+       row += static_cast<int64_t>(gridDim.x) * rows_per_block) {
+    const T* xr = x + row * n;
+    // Mean first, then squared deviations: no cancellation for rows with a large mean. The
+    // second and third reads of the row hit L1/L2.
+    const A s = thread_row_sum<A, VEC>(xr, packs, lane, tpr, [](A v) { return v; });
+    const A mu = row_sum(s, tpr, red) / static_cast<A>(n);
+    const A ss = thread_row_sum<A, VEC>(xr, packs, lane, tpr, [mu](A v) { return (v - mu) * (v - mu); });
+    const A rs = norm::row_rstd(row_sum(ss, tpr, red), n, eps);
+    if (lane == 0) {
+      mean[row] = mu;
+      rstd[row] = rs;
+    }
+    for (int64_t i = lane; i < packs; i += tpr) {
+      const auto p = load_pack<T, VEC>(xr, i);
+      const auto wp = load_pack<A, VEC>(w, i);
+      const auto bp = load_pack<A, VEC>(b, i);
+      Pack<O, VEC> out;
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) {
+        out.v[k] = static_cast<O>(norm::layer_y(static_cast<A>(p.v[k]), mu, rs, wp.v[k], bp.v[k]));
+      }
+      store_pack<O, VEC>(y + row * n, i, out);
+    }
+  }
+}
+
+// Row group `group` (a warp or a block) takes rows [group * rows_per_group, ...) in order and
+// accumulates its weight gradient into row `group` of `part`; each thread owns the same columns
+// for every row, so there are no races and no atomics.
+template <typename T, typename G, typename A, int VEC>
+__global__ void rms_backward_kernel(const G* __restrict__ g, const T* __restrict__ x, const A* __restrict__ w,
+                                    const A* __restrict__ rstd, T* __restrict__ dx, A* __restrict__ part,
+                                    int64_t rows, int64_t n, A offset, bool llama, int tpr, int64_t groups,
+                                    int64_t rows_per_group) {
+  __shared__ A red[32];
+  const int64_t group = static_cast<int64_t>(blockIdx.x) * (blockDim.x / tpr) + threadIdx.x / tpr;
+  if (group >= groups) {
+    return;  // a whole warp (warp mode only: in block mode there is one group per block)
+  }
+  const int lane = threadIdx.x % tpr;
+  const int64_t packs = n / VEC;
+  A* pw = part + group * n;
+  const int64_t end = rows < (group + 1) * rows_per_group ? rows : (group + 1) * rows_per_group;
+  for (int64_t row = group * rows_per_group; row < end; ++row) {
+    const T* xr = x + row * n;
+    const G* gr = g + row * n;
+    const A rs = rstd[row];
+    A dot = 0;
+    for (int64_t i = lane; i < packs; i += tpr) {
+      const auto xp = load_pack<T, VEC>(xr, i);
+      const auto gp = load_pack<G, VEC>(gr, i);
+      const auto wp = load_pack<A, VEC>(w, i);
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) {
+        dot += static_cast<A>(gp.v[k]) * (wp.v[k] + offset) * static_cast<A>(xp.v[k]);
+      }
+    }
+    const A c1 = row_sum(dot, tpr, red) * rs / static_cast<A>(n);
+    for (int64_t i = lane; i < packs; i += tpr) {
+      const auto xp = load_pack<T, VEC>(xr, i);
+      const auto gp = load_pack<G, VEC>(gr, i);
+      const auto wp = load_pack<A, VEC>(w, i);
+      auto acc = load_pack<A, VEC>(pw, i);
+      Pack<T, VEC> out;
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) {
+        const A gk = static_cast<A>(gp.v[k]);
+        A xhat = static_cast<A>(xp.v[k]) * rs;
+        out.v[k] = static_cast<T>(norm::norm_dx(gk * (wp.v[k] + offset), xhat, rs, A(0), c1));
+        if (llama) {
+          xhat = norm::round_to<T>(xhat);
+        }
+        acc.v[k] += gk * xhat;
+      }
+      store_pack<T, VEC>(dx + row * n, i, out);
+      store_pack<A, VEC>(pw, i, acc);
+    }
+  }
+}
+
+template <typename T, typename G, typename A, int VEC>
+__global__ void layer_backward_kernel(const G* __restrict__ g, const T* __restrict__ x, const A* __restrict__ w,
+                                      const A* __restrict__ mean, const A* __restrict__ rstd, T* __restrict__ dx,
+                                      A* __restrict__ part_w, A* __restrict__ part_b, int64_t rows, int64_t n,
+                                      int tpr, int64_t groups, int64_t rows_per_group) {
+  __shared__ A red[32];
+  const int64_t group = static_cast<int64_t>(blockIdx.x) * (blockDim.x / tpr) + threadIdx.x / tpr;
+  if (group >= groups) {
+    return;
+  }
+  const int lane = threadIdx.x % tpr;
+  const int64_t packs = n / VEC;
+  A* pw = part_w + group * n;
+  A* pb = part_b + group * n;
+  const int64_t end = rows < (group + 1) * rows_per_group ? rows : (group + 1) * rows_per_group;
+  for (int64_t row = group * rows_per_group; row < end; ++row) {
+    const T* xr = x + row * n;
+    const G* gr = g + row * n;
+    const A mu = mean[row];
+    const A rs = rstd[row];
+    A sum_gw = 0, sum_gwx = 0;
+    for (int64_t i = lane; i < packs; i += tpr) {
+      const auto xp = load_pack<T, VEC>(xr, i);
+      const auto gp = load_pack<G, VEC>(gr, i);
+      const auto wp = load_pack<A, VEC>(w, i);
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) {
+        const A gw = static_cast<A>(gp.v[k]) * wp.v[k];
+        sum_gw += gw;
+        sum_gwx += gw * ((static_cast<A>(xp.v[k]) - mu) * rs);
+      }
+    }
+    const A c0 = row_sum(sum_gw, tpr, red) / static_cast<A>(n);
+    const A c1 = row_sum(sum_gwx, tpr, red) / static_cast<A>(n);
+    for (int64_t i = lane; i < packs; i += tpr) {
+      const auto xp = load_pack<T, VEC>(xr, i);
+      const auto gp = load_pack<G, VEC>(gr, i);
+      const auto wp = load_pack<A, VEC>(w, i);
+      auto acc_w = load_pack<A, VEC>(pw, i);
+      auto acc_b = load_pack<A, VEC>(pb, i);
+      Pack<T, VEC> out;
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) {
+        const A gk = static_cast<A>(gp.v[k]);
+        const A xhat = (static_cast<A>(xp.v[k]) - mu) * rs;
+        out.v[k] = static_cast<T>(norm::norm_dx(gk * wp.v[k], xhat, rs, c0, c1));
+        acc_w.v[k] += gk * xhat;
+        acc_b.v[k] += gk;
+      }
+      store_pack<T, VEC>(dx + row * n, i, out);
+      store_pack<A, VEC>(pw, i, acc_w);
+      store_pack<A, VEC>(pb, i, acc_b);
+    }
+  }
+}
+
+template <typename A>
+__global__ void sum_parts_kernel(const A* __restrict__ part, A* __restrict__ out, int64_t parts, int64_t n) {
+  const int64_t j = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (j < n) {
+    out[j] = norm::pairwise_sum<A>(parts, norm::ColumnOf<A>{part + j, n});
+  }
+}
+
+// Threads per row and per block: a warp per row while a lane has at most 4 packs to read, else a
+// block per row with about 4 packs per thread.
+struct RowLaunch {
+  int threads;
+  int tpr;
+};
+
+RowLaunch row_launch(int64_t packs) {
+  if (packs <= 128) {
+    return {128, 32};
+  }
+  int64_t t = ((packs + 3) / 4 + 31) / 32 * 32;
+  t = t < 64 ? 64 : (t > 1024 ? 1024 : t);
+  return {static_cast<int>(t), static_cast<int>(t)};
+}
+
+int grid_for(int64_t units) {
+  constexpr int64_t kMaxBlocks = int64_t{1} << 24;  // grid-stride loops cover the rest
+  return static_cast<int>(units < kMaxBlocks ? units : kMaxBlocks);
+}
+
+bool aligned(const void* p, size_t bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
+
+// Calls fn(std::integral_constant<int, VEC>) with VEC = 16 / sizeof(T) when n and every pointer
+// allow whole 16-byte packs of T (and matching packs of the other types), else with VEC = 1.
+template <typename T, typename Fn>
+void dispatch_vec(int64_t n, const std::vector<std::pair<const void*, size_t>>& ptrs, Fn&& fn) {
+  constexpr int kVec = 16 / sizeof(T);
+  bool ok = n % kVec == 0;
+  for (const auto& [p, elem] : ptrs) {
+    ok = ok && aligned(p, elem * kVec);
+  }
+  if (ok) {
+    fn(std::integral_constant<int, kVec>{});
+  } else {
+    fn(std::integral_constant<int, 1>{});
+  }
+}
+
+template <typename A>
+void sum_parts(const at::Tensor& part, at::Tensor& out, cudaStream_t stream) {
+  const int64_t parts = part.size(0);
+  const int64_t n = part.size(1);
+  sum_parts_kernel<A><<<static_cast<int>((n + 255) / 256), 256, 0, stream>>>(part.const_data_ptr<A>(),
+                                                                            out.mutable_data_ptr<A>(), parts, n);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// Row groups of the weight-gradient reduction; the split depends on the shape only.
+norm::RowPartition cuda_partition(int64_t rows, const RowLaunch& launch) {
+  return norm::partition_rows(rows, 4, launch.tpr == 32 ? 2048 : 512);
+}
+
+// Launchers, in the NormKernels shape: inputs contiguous, parameters in the math dtype, outputs
+// allocated (norm_cpu.cpp's rms_norm_with and friends prepare them).
+// Picks the types and pack width (x, y and `params`, in the math dtype, must allow whole packs)
+// and the launch shape, then lets `launch` launch its forward kernel.
+template <typename Launch>
+void run_forward(const at::Tensor& x, const at::Tensor& y, std::initializer_list<const at::Tensor*> params,
+                 Launch&& launch) {
+  c10::cuda::CUDAGuard guard(x.device());
+  const int64_t n = x.size(-1);
+  const int64_t rows = x.numel() / n;
+  auto stream = at::cuda::getCurrentCUDAStream();
+  dispatch_norm_types(x.scalar_type(), y.scalar_type(), [&](auto t, auto o, auto acc) {
+    std::vector<std::pair<const void*, size_t>> ptrs{{x.const_data_ptr(), sizeof(t)}, {y.const_data_ptr(), sizeof(o)}};
+    for (const at::Tensor* p : params) {
+      ptrs.emplace_back(p->const_data_ptr(), sizeof(acc));
+    }
+    dispatch_vec<decltype(t)>(n, ptrs, [&](auto vec) {
+      const auto rl = row_launch(n / decltype(vec)::value);
+      const int64_t rows_per_block = rl.threads / rl.tpr;
+      const dim3 grid(grid_for((rows + rows_per_block - 1) / rows_per_block));
+      launch(t, o, acc, vec, grid, rl, rows, n, stream);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+}
+
+void rms_forward(const at::Tensor& x, const at::Tensor& w, at::Tensor& y, at::Tensor& rstd, double eps, double offset,
+                 bool llama) {
+  run_forward(x, y, {&w}, [&](auto t, auto o, auto acc, auto vec, dim3 grid, RowLaunch rl, int64_t rows, int64_t n,
+                              cudaStream_t stream) {
+    using T = decltype(t);
+    using O = decltype(o);
+    using A = decltype(acc);
+    rms_forward_kernel<T, O, A, decltype(vec)::value><<<grid, rl.threads, 0, stream>>>(
+        x.const_data_ptr<T>(), w.const_data_ptr<A>(), y.mutable_data_ptr<O>(), rstd.mutable_data_ptr<A>(), rows, n,
+        static_cast<A>(eps), static_cast<A>(offset), llama, rl.tpr);
+  });
+}
+
+void layer_forward(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b, at::Tensor& y, at::Tensor& mean,
+                   at::Tensor& rstd, double eps) {
+  run_forward(x, y, {&w, &b}, [&](auto t, auto o, auto acc, auto vec, dim3 grid, RowLaunch rl, int64_t rows,
+                                  int64_t n, cudaStream_t stream) {
+    using T = decltype(t);
+    using O = decltype(o);
+    using A = decltype(acc);
+    layer_forward_kernel<T, O, A, decltype(vec)::value><<<grid, rl.threads, 0, stream>>>(
+        x.const_data_ptr<T>(), w.const_data_ptr<A>(), b.const_data_ptr<A>(), y.mutable_data_ptr<O>(),
+        mean.mutable_data_ptr<A>(), rstd.mutable_data_ptr<A>(), rows, n, static_cast<A>(eps), rl.tpr);
+  });
+}
+
+// Picks the types and pack width, gives `launch` one zeroed [groups, hidden] buffer per output
+// in `reduced` to launch its kernel with, then reduces each buffer into its output.
+template <typename Launch>
+void run_backward(const at::Tensor& g, const at::Tensor& x, const at::Tensor& w, const at::Tensor& dx,
+                  std::initializer_list<at::Tensor*> reduced, Launch&& launch) {
+  c10::cuda::CUDAGuard guard(x.device());
+  const int64_t n = x.size(-1);
+  const int64_t rows = x.numel() / n;
+  auto stream = at::cuda::getCurrentCUDAStream();
+  dispatch_norm_types(x.scalar_type(), g.scalar_type(), [&](auto t, auto gt, auto acc) {
+    using T = decltype(t);
+    using G = decltype(gt);
+    using A = decltype(acc);
+    dispatch_vec<T>(n, {{x.const_data_ptr(), sizeof(T)}, {g.const_data_ptr(), sizeof(G)}, {w.const_data_ptr(), sizeof(A)},
+                        {dx.const_data_ptr(), sizeof(T)}},
+                    [&](auto vec) {
+                      const auto rl = row_launch(n / decltype(vec)::value);
+                      const auto split = cuda_partition(rows, rl);
+                      std::vector<at::Tensor> parts;
+                      for (size_t i = 0; i < reduced.size(); ++i) {
+                        parts.push_back(at::zeros({split.parts, n}, x.options().dtype(c10::CppTypeToScalarType<A>::value)));
+                      }
+                      const int64_t groups_per_block = rl.threads / rl.tpr;
+                      const dim3 grid(grid_for((split.parts + groups_per_block - 1) / groups_per_block));
+                      launch(t, gt, acc, vec, grid, rl, split, rows, n, stream, parts);
+                      C10_CUDA_KERNEL_LAUNCH_CHECK();
+                      size_t i = 0;
+                      for (at::Tensor* out : reduced) {
+                        sum_parts<A>(parts[i++], *out, stream);
+                      }
+                    });
+  });
+}
+
+void rms_backward(const at::Tensor& g, const at::Tensor& x, const at::Tensor& w, const at::Tensor& rstd,
+                  at::Tensor& dx, at::Tensor& dw, double offset, bool llama) {
+  run_backward(g, x, w, dx, {&dw}, [&](auto t, auto gt, auto acc, auto vec, dim3 grid, RowLaunch rl,
+                                        norm::RowPartition split, int64_t rows, int64_t n, cudaStream_t stream,
+                                        std::vector<at::Tensor>& parts) {
+    using T = decltype(t);
+    using G = decltype(gt);
+    using A = decltype(acc);
+    rms_backward_kernel<T, G, A, decltype(vec)::value><<<grid, rl.threads, 0, stream>>>(
+        g.const_data_ptr<G>(), x.const_data_ptr<T>(), w.const_data_ptr<A>(), rstd.const_data_ptr<A>(),
+        dx.mutable_data_ptr<T>(), parts[0].mutable_data_ptr<A>(), rows, n, static_cast<A>(offset), llama, rl.tpr,
+        split.parts, split.rows_per_part);
+  });
+}
+
+void layer_backward(const at::Tensor& g, const at::Tensor& x, const at::Tensor& w, const at::Tensor& mean,
+                    const at::Tensor& rstd, at::Tensor& dx, at::Tensor& dw, at::Tensor& db) {
+  run_backward(g, x, w, dx, {&dw, &db}, [&](auto t, auto gt, auto acc, auto vec, dim3 grid, RowLaunch rl,
+                                             norm::RowPartition split, int64_t rows, int64_t n, cudaStream_t stream,
+                                             std::vector<at::Tensor>& parts) {
+    using T = decltype(t);
+    using G = decltype(gt);
+    using A = decltype(acc);
+    layer_backward_kernel<T, G, A, decltype(vec)::value><<<grid, rl.threads, 0, stream>>>(
+        g.const_data_ptr<G>(), x.const_data_ptr<T>(), w.const_data_ptr<A>(), mean.const_data_ptr<A>(),
+        rstd.const_data_ptr<A>(), dx.mutable_data_ptr<T>(), parts[0].mutable_data_ptr<A>(),
+        parts[1].mutable_data_ptr<A>(), rows, n, rl.tpr, split.parts, split.rows_per_part);
+  });
+}
+
+const NormKernels& cuda_kernels() {
+  static const NormKernels kernels{&rms_forward, &rms_backward, &layer_forward, &layer_backward};
+  return kernels;
+}
+
+}  // namespace
+}  // namespace torchgc
+
+TORCH_LIBRARY_IMPL(torchgc, CUDA, m) { torchgc::register_norm_ops<&torchgc::cuda_kernels>(m); }

@@ -1,0 +1,182 @@
+// The shared per-row norm math (norm_row.h, which the CUDA kernels also run) and the CPU norm
+// kernels through the dispatcher, against float64 computations.
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <functional>
+#include <numeric>
+#include <vector>
+
+#include "torchgc/norm.h"
+#include "torchgc/norm_row.h"
+
+namespace {
+
+using torchgc::norm::ColumnOf;
+using torchgc::norm::pairwise_sum;
+using torchgc::norm::partition_rows;
+
+std::string error_of(const std::function<void()>& fn) {
+  try {
+    fn();
+  } catch (const c10::Error& e) {
+    return e.what_without_backtrace();
+  }
+  return "";
+}
+
+std::tuple<at::Tensor, at::Tensor> call_rms_norm(const at::Tensor& x, const at::Tensor& w, double eps, double offset,
+                                                 bool llama, bool fp32_output) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("torchgc::rms_norm", "")
+                       .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, double, double,
+                                                                 bool, bool)>();
+  return op.call(x, w, eps, offset, llama, fp32_output);
+}
+
+std::tuple<at::Tensor, at::Tensor> call_rms_norm_backward(const at::Tensor& g, const at::Tensor& x,
+                                                          const at::Tensor& w, const at::Tensor& rstd, double offset,
+                                                          bool llama) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("torchgc::rms_norm_backward", "")
+                       .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
+                                                                 const at::Tensor&, const at::Tensor&, double, bool)>();
+  return op.call(g, x, w, rstd, offset, llama);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> call_layer_norm(const at::Tensor& x, const at::Tensor& w,
+                                                               const std::optional<at::Tensor>& b, double eps) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("torchgc::layer_norm", "")
+                       .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+                           const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, double, bool)>();
+  return op.call(x, w, b, eps, false);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> call_layer_norm_backward(const at::Tensor& g, const at::Tensor& x,
+                                                                        const at::Tensor& w, const at::Tensor& mean,
+                                                                        const at::Tensor& rstd) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("torchgc::layer_norm_backward", "")
+                       .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+                           const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                           const at::Tensor&)>();
+  return op.call(g, x, w, mean, rstd);
+}
+
+double max_abs_diff(const at::Tensor& a, const at::Tensor& b) {
+  return (a.to(at::kDouble) - b.to(at::kDouble)).abs().max().item<double>();
+}
+
+TEST(NormRow, PairwiseSumIsExactOnIntegersAndBeatsASequentialSum) {
+  for (int64_t n : {0, 1, 7, 8, 9, 64, 1000, 4097}) {
+    std::vector<double> v(n);
+    for (int64_t i = 0; i < n; ++i) {
+      v[i] = static_cast<double>(i % 13);
+    }
+    const double expected = std::accumulate(v.begin(), v.end(), 0.0);
+    EXPECT_EQ(pairwise_sum<double>(n, ColumnOf<double>{v.data(), 1}), expected) << n;
+  }
+  // 2^20 copies of 0.1f: a sequential fp32 sum drifts by percents, the pairwise one stays close.
+  const int64_t n = int64_t{1} << 20;
+  std::vector<float> v(n, 0.1f);
+  float sequential = 0.f;
+  for (float x : v) {
+    sequential += x;
+  }
+  const float pairwise = pairwise_sum<float>(n, ColumnOf<float>{v.data(), 1});
+  const double exact = n * static_cast<double>(0.1f);
+  EXPECT_LT(std::abs(pairwise - exact) / exact, 1e-6);
+  EXPECT_GT(std::abs(sequential - exact) / exact, 1e-3);
+}
+
+TEST(NormRow, PartitionDependsOnRowsOnlyAndCoversEveryRow) {
+  for (int64_t rows : {1, 5, 32, 33, 4096, 100000}) {
+    const auto p = partition_rows(rows, 32, 256);
+    EXPECT_GE(p.parts, 1);
+    EXPECT_LE(p.parts, 256);
+    EXPECT_GE(p.parts * p.rows_per_part, rows);
+    EXPECT_LT((p.parts - 1) * p.rows_per_part, rows);
+  }
+}
+
+TEST(NormRow, FormulasMatchTheirDefinitions) {
+  EXPECT_DOUBLE_EQ(torchgc::norm::row_rstd(8.0, 2, 0.0), 0.5);
+  EXPECT_EQ(torchgc::norm::round_to<c10::BFloat16>(1.0f + 1.0f / 512), 1.0f);  // ties to even
+  EXPECT_DOUBLE_EQ(torchgc::norm::rms_y(2.0, 0.5, 1.0), 3.0);
+  EXPECT_DOUBLE_EQ(torchgc::norm::layer_y(3.0, 1.0, 0.5, 2.0, 0.25), 2.25);
+  EXPECT_DOUBLE_EQ(torchgc::norm::norm_dx(1.0, 2.0, 0.5, 0.25, 0.125), 0.5 * (1.0 - 0.25 - 0.25));
+}
+
+// float64 reference of RMSNorm and its gradients, by hand.
+struct RmsRef {
+  at::Tensor y, dx, dw;
+};
+
+RmsRef rms_reference(const at::Tensor& x, const at::Tensor& w, const at::Tensor& g, double eps, double offset) {
+  auto xd = x.to(at::kDouble), wd = w.to(at::kDouble) + offset, gd = g.to(at::kDouble);
+  const int64_t n = x.size(-1);
+  auto rstd = at::rsqrt(xd.pow(2).mean(-1, true) + eps);
+  auto xhat = xd * rstd;
+  auto dot = (gd * wd * xhat).sum(-1, true) / n;
+  return {xhat * wd, rstd * (gd * wd - xhat * dot), (gd * xhat).reshape({-1, n}).sum(0)};
+}
+
+TEST(NormCpu, RmsNormMatchesFloat64ForEveryDtypeAndOddSizes) {
+  at::manual_seed(0);
+  for (auto dtype : {at::kBFloat16, at::kHalf, at::kFloat, at::kDouble}) {
+    for (int64_t n : {1, 7, 15, 16, 17, 64, 1000}) {
+      auto x = at::randn({3, 5, n}).to(dtype);
+      auto w = (at::rand({n}) + 0.5).to(dtype);
+      auto g = at::randn({3, 5, n}).to(dtype);
+      auto [y, rstd] = call_rms_norm(x, w, 1e-6, 1.0, false, false);
+      auto [dx, dw] = call_rms_norm_backward(g, x, w, rstd, 1.0, false);
+      const auto ref = rms_reference(x, w, g, 1e-6, 1.0);
+      const double tol = dtype == at::kDouble ? 1e-12 : (dtype == at::kFloat ? 1e-5 : 2e-2);
+      EXPECT_EQ(y.scalar_type(), dtype);
+      EXPECT_EQ(rstd.scalar_type(), dtype == at::kDouble ? at::kDouble : at::kFloat);
+      EXPECT_LE(max_abs_diff(y, ref.y), tol * (1 + ref.y.abs().max().item<double>())) << dtype << " n=" << n;
+      EXPECT_LE(max_abs_diff(dx, ref.dx), tol * (1 + ref.dx.abs().max().item<double>())) << dtype << " n=" << n;
+      EXPECT_LE(max_abs_diff(dw, ref.dw), tol * (1 + ref.dw.abs().max().item<double>())) << dtype << " n=" << n;
+    }
+  }
+}
+
+TEST(NormCpu, LayerNormMatchesAtenInFloat64) {
+  at::manual_seed(1);
+  for (int64_t n : {1, 9, 33, 512}) {
+    auto x = at::randn({17, n}, at::kDouble) * 3 + 10;  // a large mean: checks the two-pass variance
+    auto w = at::randn({n}, at::kDouble);
+    auto b = at::randn({n}, at::kDouble);
+    auto g = at::randn({17, n}, at::kDouble);
+    auto [y, mean, rstd] = call_layer_norm(x, w, b, 1e-5);
+    auto [dx, dw, db] = call_layer_norm_backward(g, x, w, mean, rstd);
+    auto [ry, rmean, rrstd] = at::native_layer_norm(x, {n}, w, b, 1e-5);
+    auto [rdx, rdw, rdb] = at::native_layer_norm_backward(g, x, {n}, rmean, rrstd, w, b, {true, true, true});
+    EXPECT_LE(max_abs_diff(y, ry), 1e-12);
+    EXPECT_LE(max_abs_diff(dx, rdx), 1e-10);
+    EXPECT_LE(max_abs_diff(dw, rdw), 1e-10);
+    EXPECT_LE(max_abs_diff(db, rdb), 1e-10);
+  }
+}
+
+TEST(NormCpu, ChecksNameTheOpTheArgumentAndTheProblem) {
+  auto x = at::randn({2, 4}).to(at::kBFloat16);
+  auto meta_w = at::ones({4}, at::TensorOptions().device(at::kMeta));
+  auto msg = error_of([&] { torchgc::check_norm_forward("rms_norm", x, meta_w, std::nullopt, 1e-6); });
+  EXPECT_NE(msg.find("torchgc::rms_norm: expected argument 'weight' to be on x's device cpu, got one on meta"),
+            std::string::npos)
+      << msg;
+  msg = error_of([&] { call_rms_norm(x, at::ones({4}, at::kHalf), 1e-6, 0, false, false); });
+  EXPECT_NE(msg.find("expected argument 'weight' to have dtype Float or x's dtype (BFloat16), got Half"),
+            std::string::npos)
+      << msg;
+  msg = error_of([&] { call_layer_norm(x, at::ones({4}), at::ones({3}), 1e-6); });
+  EXPECT_NE(msg.find("torchgc::layer_norm: expected argument 'bias' to have shape [4]"), std::string::npos) << msg;
+  msg = error_of([&] { call_rms_norm(x, at::ones({4}), std::nan(""), 0, false, false); });
+  EXPECT_NE(msg.find("expected argument 'eps' to be finite and >= 0, got nan"), std::string::npos) << msg;
+}
+
+}  // namespace
