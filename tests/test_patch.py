@@ -589,7 +589,8 @@ def test_norm_options_with_the_real_torchgc_norm():
     model.gradient_checkpointing_enable()
     norms = [p for n, p in model.named_parameters() if p.ndim == 1 and "norm" in n]
     assert norms and all(p.dtype == torch.float32 for p in norms)
-    loss = model(**batch()).loss
-    loss.backward()
-    assert torch.isfinite(loss)
+    output = model(**batch())
+    assert output.logits.dtype == torch.float32
+    output.loss.backward()
+    assert torch.isfinite(output.loss)
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad)

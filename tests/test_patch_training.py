@@ -150,3 +150,20 @@ def test_sft_trainer_with_lora_gradients_match(tmp_path, checkpoint_calls):
     assert_same_grads(expected, result)
     assert len(checkpoint_calls) == LAYERS * MICRO_BATCHES
     assert all(c["strategy"] == "offload" for c in checkpoint_calls)
+
+
+def test_trainer_with_norm_options_matches_the_same_norms_without_checkpointing(tmp_path, checkpoint_calls):
+    from torchgc import norm
+
+    def fused_reference():
+        model = build("llama", layers=LAYERS)
+        norm.upcast_layernorm(model)
+        return trainer_step(model, tmp_path / "ref", gradient_checkpointing=False)
+
+    expected = reference(("trainer_upcast_norm", "llama"), fused_reference)
+    torchgc.patch(upcast_layernorm=True)
+    model = build("llama", layers=LAYERS)
+    result = trainer_step(model, tmp_path / "gc", gradient_checkpointing=True)
+    assert PATCH_MODULE._state(model).norm_handles["upcast_layernorm"].fused, "no norm was routed through torchgc.norm"
+    assert_same_grads(expected, result)
+    assert len(checkpoint_calls) == LAYERS * MICRO_BATCHES
