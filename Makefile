@@ -12,7 +12,13 @@ export MAX_JOBS
 # Everything the tests and the demo need; versions come from the constraints file.
 TEST_DEPS := torch transformers peft accelerate trl datasets pytest numpy matplotlib tqdm psutil cmake setuptools wheel
 
-.PHONY: venv gtest build test pytest ctest ctest-asan demo clean
+# Transformers overlays: "#overlay NAME PINS..." lines of the constraints file (see there).
+OVERLAY_DIR := $(VENV)/overlays
+OVERLAYS := $(shell sed -n 's/^\#overlay \([^ ]*\) .*/\1/p' $(CONSTRAINTS))
+overlay-pins = $(shell sed -n 's/^\#overlay $(1) //p' $(CONSTRAINTS))
+PATCH_TESTS := $(wildcard tests/test_patch*.py)
+
+.PHONY: venv gtest build test pytest ctest ctest-asan demo clean overlays pytest-overlays FORCE
 
 venv: $(VENV)/.installed
 $(VENV)/.installed: $(CONSTRAINTS)
@@ -43,7 +49,30 @@ ctest-asan: venv gtest
 pytest: build
 	$(PY) -m pytest -q -ra $(PYTEST_ARGS)
 
-test: ctest pytest
+# An overlay's .pins file changes only when its line in the constraints file does, so an
+# installed overlay is reused until then.
+$(OVERLAY_DIR)/%.pins: FORCE
+	@mkdir -p $(OVERLAY_DIR)
+	@echo '$(call overlay-pins,$*)' | cmp -s - $@ || echo '$(call overlay-pins,$*)' > $@
+
+$(OVERLAY_DIR)/%/.installed: $(OVERLAY_DIR)/%.pins | venv
+	rm -rf $(OVERLAY_DIR)/$*
+	$(PY) -m pip install --quiet --no-deps --target $(OVERLAY_DIR)/$* $$(cat $<)
+	touch $@
+
+.PRECIOUS: $(OVERLAY_DIR)/%.pins $(OVERLAY_DIR)/%/.installed
+overlays: $(OVERLAYS:%=$(OVERLAY_DIR)/%/.installed)
+
+# The patch tests once more under each overlay, after checking that its transformers is the one imported.
+pytest-overlays: build overlays
+	@for o in $(OVERLAYS); do \
+	  echo "== tests/test_patch*.py with $$o"; \
+	  export PYTHONPATH=$(abspath $(OVERLAY_DIR))/$$o; \
+	  $(PY) -c "import sys, transformers; v = transformers.__version__; sys.exit(None if v == '$${o#transformers-}' else '$$o: transformers ' + v + ' was imported')" || exit 1; \
+	  $(PY) -m pytest -q -ra -p no:cacheprovider $(PATCH_TESTS) || exit 1; \
+	done
+
+test: ctest pytest pytest-overlays
 
 # The main job: every strategy's memory and speed on the embedded default model.
 demo: build

@@ -34,3 +34,19 @@ def batch(batch_size: int = 2, seq_len: int = 16, seed: int = 1):
     generator = torch.Generator().manual_seed(seed)
     input_ids = torch.randint(0, VOCAB, (batch_size, seq_len), generator=generator)
     return {"input_ids": input_ids, "labels": input_ids.clone()}
+
+
+def tokenizer():
+    """A word-level tokenizer over VOCAB words "<pad>", "<unk>", "<eos>", "w3" ... (no download)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = ["<pad>", "<unk>", "<eos>"] + [f"w{i}" for i in range(3, VOCAB)]
+    core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", unk_token="<unk>", eos_token="<eos>")
+
+
+def token_rows(rows: int = 4, seq_len: int = 16, seed: int = 1):
+    """``rows`` lists of ``seq_len`` token ids, none of them special."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(3, VOCAB, (rows, seq_len), generator=generator).tolist()

@@ -1,0 +1,128 @@
+"""Shared by the test_patch*.py files: isolation from the environment, a counting stand-in for
+torchgc.checkpoint, and one-step training runs that return every parameter's gradient."""
+
+import functools
+import importlib
+import os
+
+import pytest
+import torch
+import transformers
+
+import torchgc
+
+# The package exports functions named like these modules, which hide them as attributes.
+CHECKPOINT_MODULE = importlib.import_module("torchgc.checkpoint")
+PATCH_MODULE = importlib.import_module("torchgc.patch")
+TRANSFORMERS_MAJOR = int(transformers.__version__.split(".")[0])
+
+
+@pytest.fixture(autouse=True)
+def clean_patch(monkeypatch):
+    """Each test starts unpatched, with no TORCHGC_*/FSDP variable set, and ends unpatched."""
+    for name in list(os.environ):
+        if name.startswith("TORCHGC_") or name in ("ACCELERATE_USE_FSDP", "FSDP_VERSION"):
+            monkeypatch.delenv(name)
+    torchgc.unpatch()
+    yield
+    torchgc.unpatch()
+
+
+@pytest.fixture
+def checkpoint_calls(monkeypatch):
+    """Counts calls of torchgc.checkpoint.checkpoint made by models enabled during the test."""
+    calls = []
+    real = CHECKPOINT_MODULE.checkpoint
+
+    @functools.wraps(real)
+    def counting(function, *args, **kwargs):
+        calls.append(kwargs)
+        return real(function, *args, **kwargs)
+
+    monkeypatch.setattr(CHECKPOINT_MODULE, "checkpoint", counting)
+    return calls
+
+
+class _GradientSnapshot(transformers.TrainerCallback):
+    """Copies every parameter's gradient just before the optimizer step."""
+
+    def __init__(self, model):
+        self.model = model
+        self.grads = None
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        self.grads = {
+            name: None if p.grad is None else p.grad.detach().clone() for name, p in self.model.named_parameters()
+        }
+
+
+def is_torchgc_function(func) -> bool:
+    """True for the partial of torchgc.checkpoint that a patched enable installs."""
+    return isinstance(func, functools.partial) and func.func is CHECKPOINT_MODULE.checkpoint
+
+
+def _common_args(output_dir, gradient_checkpointing, gc_kwargs):
+    return dict(
+        output_dir=str(output_dir),
+        max_steps=1,
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=2,
+        max_grad_norm=0.0,
+        learning_rate=1e-3,
+        report_to="none",
+        save_strategy="no",
+        use_cpu=True,
+        bf16=False,
+        fp16=False,
+        seed=0,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+        gradient_checkpointing=gradient_checkpointing,
+        gradient_checkpointing_kwargs=gc_kwargs,
+    )
+
+
+def trainer_step(model, output_dir, *, gradient_checkpointing, gc_kwargs=None, rows=None):
+    """One optimizer step (two micro-batches) of HF Trainer; returns {name: grad}."""
+    from tiny_models import token_rows
+
+    rows = rows or token_rows()
+    data = [{"input_ids": torch.tensor(r), "labels": torch.tensor(r)} for r in rows]
+    snapshot = _GradientSnapshot(model)
+    args = transformers.TrainingArguments(**_common_args(output_dir, gradient_checkpointing, gc_kwargs))
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=data, callbacks=[snapshot])
+    trainer.train()
+    assert snapshot.grads is not None, "the optimizer step was never reached"
+    return snapshot.grads
+
+
+def sft_step(model, output_dir, *, gradient_checkpointing, gc_kwargs=None, peft_config=None):
+    """One optimizer step of TRL's SFTTrainer on pre-tokenized rows; returns (trainer model, grads)."""
+    import datasets
+    import trl
+
+    from tiny_models import token_rows, tokenizer
+
+    dataset = datasets.Dataset.from_dict({"input_ids": token_rows()})
+    args = trl.SFTConfig(**_common_args(output_dir, gradient_checkpointing, gc_kwargs), packing=False, max_length=32)
+    trainer = trl.SFTTrainer(
+        model=model, args=args, train_dataset=dataset, processing_class=tokenizer(), peft_config=peft_config
+    )
+    snapshot = _GradientSnapshot(trainer.model)
+    trainer.add_callback(snapshot)
+    trainer.train()
+    assert snapshot.grads is not None, "the optimizer step was never reached"
+    return trainer.model, snapshot.grads
+
+
+def assert_same_grads(expected, actual):
+    """Every parameter's gradient is bitwise equal: same ops in the same order on CPU fp32, dropout 0."""
+    assert expected.keys() == actual.keys()
+    with_grad = [name for name, g in expected.items() if g is not None]
+    assert with_grad, "no parameter received a gradient"
+    for name in expected:
+        a, b = expected[name], actual[name]
+        assert (a is None) == (b is None), f"{name}: gradient present in one run only"
+        if a is not None:
+            assert torch.equal(a, b), f"{name}: gradients differ (max abs diff {(a - b).abs().max().item():.3g})"
+            assert a.abs().sum() > 0, f"{name}: gradient is all zeros, so comparing it proves nothing"

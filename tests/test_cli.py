@@ -1,0 +1,148 @@
+"""The launcher: `python -m torchgc run [options] script.py args...` and the `torchgc` console script."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from torchgc import cli
+
+# An ordinary training script: it never imports torchgc. After HF Trainer's step with
+# gradient_checkpointing=True, it reports which function transformers' layers checkpoint with,
+# and counts how often the layers call it in one more forward/backward.
+TRAIN_SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    import torch, transformers
+    from helper import tiny_llama   # from the script's own directory, as with `python script.py`
+
+    model = tiny_llama()
+    rows = [torch.randint(0, 64, (16,), generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    data = [{"input_ids": r, "labels": r} for r in rows]
+    args = transformers.TrainingArguments(
+        output_dir=sys.argv[2], max_steps=1, per_device_train_batch_size=2, report_to="none",
+        save_strategy="no", use_cpu=True, disable_tqdm=True, gradient_checkpointing=True,
+    )
+    transformers.Trainer(model=model, args=args, train_dataset=data).train()
+
+    layers = model.model.layers
+    installed = layers[0]._gradient_checkpointing_func
+    calls = []
+    for layer in layers:
+        def counting(*a, _inner=layer._gradient_checkpointing_func, **k):
+            calls.append(1)
+            return _inner(*a, **k)
+        layer._gradient_checkpointing_func = counting
+    model(input_ids=rows[0][None], labels=rows[0][None]).loss.backward()
+    target = getattr(installed, "func", installed)
+    report = {
+        "name": __name__,
+        "argv": sys.argv,
+        "function": target.__module__ + "." + target.__qualname__,
+        "keywords": {k: v for k, v in getattr(installed, "keywords", {}).items() if isinstance(v, (str, bool, int, type(None)))},
+        "calls": len(calls),
+    }
+    with open(sys.argv[1], "w") as f:
+        json.dump(report, f)
+    """
+)
+
+HELPER = textwrap.dedent(
+    """
+    import torch, transformers
+
+    def tiny_llama():
+        config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+        torch.manual_seed(0)
+        return transformers.AutoModelForCausalLM.from_config(config)
+    """
+)
+
+
+@pytest.fixture
+def script(tmp_path):
+    (tmp_path / "helper.py").write_text(HELPER)
+    path = tmp_path / "train.py"
+    path.write_text(TRAIN_SCRIPT)
+    return path
+
+
+def _environment(**extra):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TORCHGC_")}
+    env.update(extra)
+    return env
+
+
+def _launch(command, cwd, env=None):
+    return subprocess.run(command, cwd=cwd, env=env or _environment(), capture_output=True, text=True, timeout=300)
+
+
+def test_launcher_runs_an_unmodified_script_through_torchgc(script, tmp_path):
+    report_path = tmp_path / "report.json"
+    command = [sys.executable, "-m", "torchgc", "run", "--strategy", "offload", "--no-prefetch", str(script), str(report_path), str(tmp_path / "out")]
+    done = _launch(command, cwd=tmp_path.parent)
+    assert done.returncode == 0, done.stderr[-4000:]
+    report = json.loads(report_path.read_text())
+    assert report["name"] == "__main__"
+    assert report["argv"] == [str(script), str(report_path), str(tmp_path / "out")]
+    assert report["function"] == "torchgc.checkpoint.checkpoint"
+    assert report["keywords"]["strategy"] == "offload" and report["keywords"]["prefetch"] is False
+    assert report["calls"] == 2, "each of the two layers should checkpoint through torchgc once"
+
+
+def test_without_the_launcher_the_script_does_not_use_torchgc(script, tmp_path):
+    report_path = tmp_path / "report.json"
+    done = _launch([sys.executable, str(script), str(report_path), str(tmp_path / "out")], cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert json.loads(report_path.read_text())["function"] == "torch.utils.checkpoint.checkpoint"
+
+
+def test_console_script_and_environment_configuration(script, tmp_path):
+    console = Path(sys.executable).parent / "torchgc"
+    if not console.exists():
+        pytest.skip(f"the torchgc console script is not installed next to {sys.executable}")
+    report_path = tmp_path / "report.json"
+    env = _environment(TORCHGC_STRATEGY="checkpoint", TORCHGC_USE_REENTRANT="false")
+    done = _launch([str(console), "run", str(script), str(report_path), str(tmp_path / "out")], cwd=tmp_path, env=env)
+    assert done.returncode == 0, done.stderr[-4000:]
+    keywords = json.loads(report_path.read_text())["keywords"]
+    assert (keywords["strategy"], keywords["use_reentrant"]) == ("checkpoint", False)
+
+
+def test_bad_configuration_stops_the_launcher_with_a_clear_error(script, tmp_path):
+    env = _environment(TORCHGC_STRATEGY="fastest")
+    done = _launch([sys.executable, "-m", "torchgc", "run", str(script), "x", "y"], cwd=tmp_path, env=env)
+    assert done.returncode != 0
+    assert "environment variable TORCHGC_STRATEGY must be one of 'auto', 'checkpoint', 'offload'; got 'fastest'" in done.stderr
+
+
+def test_parser_passes_the_script_arguments_through_untouched():
+    args = cli.build_parser().parse_args(["run", "--strategy", "auto", "train.py", "--strategy", "x", "-m", "y"])
+    assert (args.strategy, args.target, args.args) == ("auto", "train.py", ["--strategy", "x", "-m", "y"])
+    assert args.use_reentrant is None and args.prefetch is None  # not given: the environment decides
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["run", "--strategy", "fastest", "train.py"])
+
+
+def test_run_module_mode(tmp_path, monkeypatch):
+    (tmp_path / "tgc_probe_module.py").write_text(
+        "import sys, transformers\n"
+        "from transformers import PreTrainedModel\n"
+        "open(sys.argv[1], 'w').write(PreTrainedModel.gradient_checkpointing_enable.__module__ + ' ' + __name__)\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    out = tmp_path / "out.txt"
+    saved_argv = list(sys.argv)
+    try:
+        assert cli.main(["run", "-m", "tgc_probe_module", str(out)]) == 0
+    finally:
+        sys.argv[:] = saved_argv
+        import torchgc
+
+        torchgc.unpatch()
+    assert out.read_text() == "torchgc.patch __main__"

@@ -1,0 +1,3 @@
+from torchgc.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,81 @@
+"""torchgc's command line: ``torchgc <command> ...`` or ``python -m torchgc <command> ...``.
+
+Each command registers itself in COMMANDS with a function that adds its subparser.
+"""
+
+import argparse
+import os
+import runpy
+import sys
+from typing import Callable, List, Optional
+
+from torchgc import config
+
+
+def _add_patch_options(parser: argparse.ArgumentParser) -> None:
+    """The options of torchgc.patch(); one left out comes from its TORCHGC_* variable."""
+    group = parser.add_argument_group("torchgc options (default: the TORCHGC_* environment variable, else torchgc's default)")
+    group.add_argument("--strategy", choices=config.STRATEGIES, help="checkpointing strategy (default: auto)")
+    flags = {
+        "use_reentrant": "reentrant checkpointing (default: as the installed transformers)",
+        "only_trainable": "call layers with no trainable parameter directly (default: on)",
+        "prefetch": "reload offloaded inputs ahead of use (default: on)",
+        "upcast_layernorm": "norm weights in fp32 (default: off)",
+        "fused_norm": "fused fp32 norm kernels (default: off)",
+        "upcast_lmhead_output": "lm_head output in fp32 (default: off)",
+    }
+    for name, help_text in flags.items():
+        group.add_argument("--" + name.replace("_", "-"), dest=name, action=argparse.BooleanOptionalAction, help=help_text)
+    group.add_argument("--min-offload-bytes", dest="min_offload_bytes", type=int, metavar="N", help="smallest input to offload")
+
+
+def _add_run(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "run",
+        help="run a Python script with torchgc.patch() applied",
+        description="Applies torchgc.patch(), then runs the script (or -m module) as __main__ with its arguments, "
+        "so an unmodified training script checkpoints through torchgc.",
+    )
+    _add_patch_options(parser)
+    parser.add_argument("-m", dest="module", metavar="MODULE", help="run a module, as python -m does")
+    parser.add_argument("target", metavar="script.py | args", help="the script to run (with -m: its first argument)", nargs="?")
+    parser.add_argument("args", nargs=argparse.REMAINDER, help="the script's arguments")
+    parser.set_defaults(handler=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    import torchgc
+
+    options = {name: getattr(args, name) for name in config.OPTION_NAMES}
+    torchgc.patch(**options)
+    rest = ([args.target] if args.target is not None else []) + list(args.args)
+    if args.module is not None:
+        sys.argv = [args.module, *rest]
+        runpy.run_module(args.module, run_name="__main__", alter_sys=True)
+        return 0
+    if not rest:
+        raise SystemExit("torchgc run: give a script to run, or -m MODULE")
+    script, script_args = rest[0], rest[1:]
+    if not os.path.exists(script):
+        raise SystemExit(f"torchgc run: no such script: {script}")
+    sys.argv = [script, *script_args]
+    # As `python script.py` does: the script's directory comes first on the import path.
+    sys.path.insert(0, os.path.dirname(os.path.abspath(script)))
+    runpy.run_path(script, run_name="__main__")
+    return 0
+
+
+COMMANDS: List[Callable] = [_add_run]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="torchgc", description="torchgc: gradient checkpointing for LLM fine-tuning")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="command")
+    for add in COMMANDS:
+        add(subparsers)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.handler(args)

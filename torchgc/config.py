@@ -1,0 +1,124 @@
+"""torchgc's user-facing options: their defaults, their environment variables, and validation.
+
+Precedence, from strongest to weakest: a key in a call's ``gradient_checkpointing_kwargs``, an
+argument given to ``torchgc.patch()`` (or the launcher), the ``TORCHGC_*`` environment variable,
+the default. ``None`` as an argument means "not given". Every invalid value raises a ValueError
+that names the function, the argument, what was expected and what was given.
+"""
+
+import dataclasses
+import os
+from typing import Any, Callable, Mapping, Optional
+
+from torchgc.checkpoint import STRATEGIES
+
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    strategy: str = "auto"
+    use_reentrant: Optional[bool] = None  # None: follow the installed transformers
+    only_trainable: bool = True
+    prefetch: bool = True
+    min_offload_bytes: Optional[int] = None  # None: torchgc.checkpoint's default
+    upcast_layernorm: bool = False
+    fused_norm: bool = False
+    upcast_lmhead_output: bool = False
+
+
+OPTION_NAMES = tuple(f.name for f in dataclasses.fields(Options))
+DEFAULTS = Options()
+
+
+def env_var(name: str) -> str:
+    return "TORCHGC_" + name.upper()
+
+
+def _choice(value: Any) -> Optional[str]:
+    return f"one of {', '.join(repr(s) for s in STRATEGIES)}" if value not in STRATEGIES else None
+
+
+def _boolean(value: Any) -> Optional[str]:
+    return "True or False" if not isinstance(value, bool) else None
+
+
+def _optional_boolean(value: Any) -> Optional[str]:
+    return "True, False or None" if value is not None and not isinstance(value, bool) else None
+
+
+def _byte_count(value: Any) -> Optional[str]:
+    if value is None or (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
+        return None
+    return "None or an int >= 0"
+
+
+# option -> check returning what was expected when the value is invalid, else None
+_CHECKS: Mapping[str, Callable[[Any], Optional[str]]] = {
+    "strategy": _choice,
+    "use_reentrant": _optional_boolean,
+    "only_trainable": _boolean,
+    "prefetch": _boolean,
+    "min_offload_bytes": _byte_count,
+    "upcast_layernorm": _boolean,
+    "fused_norm": _boolean,
+    "upcast_lmhead_output": _boolean,
+}
+
+
+def check(function: str, name: str, value: Any, *, where: Optional[str] = None) -> Any:
+    """Returns ``value`` if valid for option ``name``, else raises ValueError. ``where`` names the
+    argument as the caller sees it (default: ``argument 'name'``)."""
+    expected = _CHECKS[name](value)
+    if expected is not None:
+        where = where or f"argument {name!r}"
+        raise ValueError(f"{function}: {where} must be {expected}; got {value!r}")
+    return value
+
+
+def _parse_env(function: str, name: str, text: str) -> Any:
+    where = f"environment variable {env_var(name)}"
+    word = text.strip().lower()
+    if name == "strategy":
+        return check(function, name, word, where=where)
+    if name == "min_offload_bytes":
+        if word in ("", "none", "default"):
+            return None
+        if not word.isdigit():
+            raise ValueError(f"{function}: {where} must be a non-negative integer or 'none'; got {text!r}")
+        return int(word)
+    if name == "use_reentrant" and word in ("", "none", "auto", "default"):
+        return None
+    if word in _TRUE:
+        return True
+    if word in _FALSE:
+        return False
+    allowed = ", ".join(_TRUE + _FALSE) + (", auto" if name == "use_reentrant" else "")
+    raise ValueError(f"{function}: {where} must be one of {allowed}; got {text!r}")
+
+
+def resolve(function: str, given: Mapping[str, Any], environ: Optional[Mapping[str, str]] = None) -> Options:
+    """Options from ``given`` (None entries mean not given), then the environment, then defaults."""
+    environ = os.environ if environ is None else environ
+    unknown = set(given) - set(OPTION_NAMES)
+    if unknown:
+        raise ValueError(f"{function}: unknown option(s) {sorted(unknown)}; valid options are {', '.join(OPTION_NAMES)}")
+    values = {}
+    for name in OPTION_NAMES:
+        value = given.get(name)
+        if value is not None:
+            values[name] = check(function, name, value)
+        elif environ.get(env_var(name)) is not None:
+            values[name] = _parse_env(function, name, environ[env_var(name)])
+    return dataclasses.replace(DEFAULTS, **values)
+
+
+def override(function: str, options: Options, keys: Mapping[str, Any], argument: str) -> Options:
+    """``options`` with the torchgc keys found in the mapping ``keys`` (a call's kwargs dict named
+    ``argument``) replacing theirs, each validated."""
+    values = {}
+    for name in OPTION_NAMES:
+        if name in keys:
+            values[name] = check(function, name, keys[name], where=f"{argument}[{name!r}]")
+    return dataclasses.replace(options, **values)
