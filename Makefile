@@ -76,7 +76,7 @@ test: ctest pytest pytest-overlays
 
 # The main job: every strategy's memory and speed on the embedded default model.
 demo: build
-	$(PY) -m torchgc.bench --out results
+	$(PY) -m torchgc bench --out results
 
 clean:
 	rm -rf build torchgc/_C*.so *.egg-info

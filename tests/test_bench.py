@@ -21,7 +21,7 @@ def tiny_config(tmp_path):
 
 def test_sweep_writes_table_json_and_plot_with_gradient_agreement(tiny_config, tmp_path):
     out = tmp_path / "results"
-    cmd = [sys.executable, "-m", "torchgc.bench", "--config", str(tiny_config), "--seq-lens", "16", "--steps", "1",
+    cmd = [sys.executable, "-m", "torchgc", "bench", "--config", str(tiny_config), "--seq-lens", "16", "--steps", "1",
            "--strategies", "none,hf,torchgc-offload", "--no-fused-norm", "--no-freeze", "--out", str(out), "--quiet"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr

@@ -65,7 +65,15 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS: List[Callable] = [_add_run]
+def _add_bench(subparsers) -> None:
+    from torchgc import bench
+
+    parser = subparsers.add_parser("bench", help="memory and step time of every checkpointing strategy", description=bench.__doc__.splitlines()[0])
+    bench.build_parser(parser)
+    parser.set_defaults(handler=lambda args: bench.main(args=args))
+
+
+COMMANDS: List[Callable] = [_add_run, _add_bench]
 
 
 def build_parser() -> argparse.ArgumentParser:
