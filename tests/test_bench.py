@@ -51,6 +51,7 @@ def test_sweep_writes_table_json_and_plot_with_gradient_agreement(tiny_config, t
         (["--seq-lens", "abc"], "--seq-lens: expected comma-separated integers, got 'abc'"),
         (["--steps", "0"], "--steps: expected an integer >= 1, got 0"),
         (["--device", "tpu"], "--device: expected cpu or cuda, got 'tpu'"),
+        (["--layers", "0"], "--layers: expected an integer >= 1, got 0"),
     ],
 )
 def test_bad_input_exits_non_zero_with_a_clear_error(args, message, capsys, tmp_path):

@@ -336,6 +336,7 @@ def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.A
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--model", help="a local Hugging Face checkpoint directory")
     source.add_argument("--config", help="a transformers config.json (the model is built with random weights)")
+    parser.add_argument("--layers", type=int, default=None, help="override the model's number of layers (with --config or the default)")
     parser.add_argument("--seq-lens", default="512,2048", help="comma-separated sequence lengths (default: 512,2048)")
     parser.add_argument("--strategies", default=",".join(STRATEGY_KINDS), help=f"comma-separated subset of {', '.join(STRATEGY_KINDS)}")
     parser.add_argument("--batch-size", type=int, default=1)
@@ -364,7 +365,8 @@ def main(argv=None, args=None) -> int:
         seq_lens = [int(s) for s in args.seq_lens.split(",") if s.strip()]
     except ValueError:
         return _fail(f"--seq-lens: expected comma-separated integers, got {args.seq_lens!r}")
-    for name, value in (("--batch-size", args.batch_size), ("--steps", args.steps)):
+    checked = [("--batch-size", args.batch_size), ("--steps", args.steps)] + ([("--layers", args.layers)] if args.layers is not None else [])
+    for name, value in checked:
         if value < 1:
             return _fail(f"{name}: expected an integer >= 1, got {value}")
     if args.warmup < 0:
@@ -382,7 +384,11 @@ def main(argv=None, args=None) -> int:
         model_spec = {"model_config": config_dict}
     else:
         config_dict = DEFAULT_MODEL_CONFIG
-        model_spec = {"model_config": DEFAULT_MODEL_CONFIG}
+        model_spec = {"model_config": dict(DEFAULT_MODEL_CONFIG)}
+    if args.layers is not None:
+        if "model_config" not in model_spec:
+            return _fail("--layers: only with --config or the built-in model, not with --model")
+        model_spec["model_config"]["num_hidden_layers"] = args.layers
     max_len = config_dict.get("max_position_embeddings") or config_dict.get("n_positions")
     bad = [s for s in seq_lens if s < 1 or (max_len and s > max_len)]
     if bad or not seq_lens:
@@ -400,7 +406,10 @@ def main(argv=None, args=None) -> int:
     if not args.no_fused_norm and not _fused_norm_available():
         runs = [r for r in runs if not r.fused_norm]
 
-    results = sweep(model_spec, runs, seq_lens, device=device, batch_size=args.batch_size, steps=args.steps, warmup=args.warmup, progress=not args.quiet)
+    try:
+        results = sweep(model_spec, runs, seq_lens, device=device, batch_size=args.batch_size, steps=args.steps, warmup=args.warmup, progress=not args.quiet)
+    except RuntimeError as exc:
+        return _fail(str(exc).removeprefix("torchgc bench: "))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     table = format_table(results)
