@@ -56,14 +56,14 @@ def checkpoint(
         )
         use_reentrant = False
 
-    keep = _parameter_pointers(module)
+    lifted = []
     if use_reentrant:
         function, args, lifted = _lift_tensor_kwargs(function, args, kwargs)
         kwargs = {}
-        keep |= {t.data_ptr() for t in lifted}
 
     hooks = contextlib.nullcontext()
     if _should_offload(strategy, args, min_offload_bytes):
+        keep = _parameter_pointers(module) | {t.data_ptr() for t in lifted}
         policy = OffloadPolicy(
             min_bytes=DEFAULT_MIN_OFFLOAD_BYTES if min_offload_bytes is None else min_offload_bytes,
             devices=None if strategy == "offload" else _ACCELERATORS,
