@@ -15,14 +15,20 @@ void set_host_pool_limit(int64_t bytes) { HostPool::instance().set_limit(bytes);
 
 void empty_host_pool() { HostPool::instance().empty_cache(); }
 
-// What the library was built against: [torch version, "cuda" or "cpu", CUDA architectures].
+// What the library was built against: [torch version, "cuda" or "cpu", CUDA architectures,
+// "openmp" when at::parallel_for runs its OpenMP loops in parallel here, else "none"].
 std::vector<std::string> build_info() {
 #ifdef TORCHGC_WITH_CUDA
   const char* backends = "cuda";
 #else
   const char* backends = "cpu";
 #endif
-  return {TORCHGC_TORCH_VERSION, backends, TORCHGC_CUDA_ARCHS};
+#ifdef _OPENMP
+  const char* parallel = "openmp";
+#else
+  const char* parallel = "none";
+#endif
+  return {TORCHGC_TORCH_VERSION, backends, TORCHGC_CUDA_ARCHS, parallel};
 }
 
 }  // namespace

@@ -63,6 +63,12 @@ def test_build_info_matches_torch():
     assert torchgc.BUILD_INFO.torch_version == torch.__version__
 
 
+def test_cpu_kernels_are_built_with_torch_parallel_backend():
+    # Without -fopenmp, ATen's inline at::parallel_for runs every CPU kernel on one thread.
+    torch_uses_openmp = "ATen parallel backend: OpenMP" in torch.__config__.parallel_info()
+    assert (torchgc.BUILD_INFO.parallel == "openmp") == torch_uses_openmp
+
+
 def test_mismatched_torch_version_names_cause_and_fix():
     info = torchgc.BUILD_INFO._replace(torch_version="0.0.0")
     with pytest.raises(ImportError, match=r"built against torch 0\.0\.0 but torch 9\.9 is installed.*pip install --no-build-isolation"):

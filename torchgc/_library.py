@@ -14,6 +14,7 @@ class BuildInfo(NamedTuple):
     torch_version: str
     with_cuda: bool
     cuda_archs: str
+    parallel: str  # "openmp" when the CPU kernels' at::parallel_for uses threads
 
 
 def _library_path() -> Path:
@@ -43,8 +44,8 @@ def _load() -> BuildInfo:
     except OSError as exc:
         # An undefined symbol here almost always means another torch was installed since.
         raise ImportError(f"torchgc: loading {path} failed ({exc}); rebuild with: {_REBUILD}") from exc
-    version, backends, archs = torch.ops.torchgc.build_info.default()
-    info = BuildInfo(version, backends == "cuda", archs)
+    version, backends, archs, parallel = torch.ops.torchgc.build_info.default()
+    info = BuildInfo(version, backends == "cuda", archs, parallel)
     check_torch_version(info, torch.__version__)
     return info
 
