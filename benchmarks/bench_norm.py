@@ -10,8 +10,9 @@ forward+backward of:
       as every norm here does; on CPU, first touch of a fresh 32 MiB block can cost more than
       the copy, so (e) shows the copy alone)
   (e) y.copy_(x) into a preallocated y: forward only
-and prints medians, each baseline's median divided by torchgc's (>1: torchgc is faster), and the
-bytes moved per second. Usage: python -m benchmarks.bench_norm [--quick] [--device cuda]
+and prints medians, each baseline's median divided by torchgc's (>1: torchgc is faster), the
+bytes moved per second, and the ceiling (a)/(d): the largest speedup over (a) that any kernel
+could reach, since every norm allocates and writes at least what the copy does. Usage: python -m benchmarks.bench_norm [--quick] [--device cuda]
 """
 
 from __future__ import annotations
@@ -145,6 +146,12 @@ def _print(results, rows, hidden, device):
     for r in results:
         print(f"{r['name']:24} {r['fwd_s'] * 1e3:9.3f} {r['fwd_ratio']:7.2f} {r['fwd_GBps']:7.1f} "
               f"{r['fwd_bwd_s'] * 1e3:11.3f} {r['fwd_bwd_ratio']:7.2f} {r['fwd_bwd_GBps']:7.1f}")
+    # A norm allocates and writes the same outputs as the copy and reads at least as much, so no
+    # kernel can beat (a) by more than (a)'s time over (d)'s.
+    by_name = {r["name"]: r for r in results}
+    eager, copy = by_name["(a) eager"], by_name["(d) copy of x"]
+    print(f"{'ceiling (a)/(d)':24} {eager['fwd_s'] / copy['fwd_s']:>17.2f} {'':7} "
+          f"{eager['fwd_bwd_s'] / copy['fwd_bwd_s']:>19.2f}   (the most any kernel can gain over (a))")
 
 
 def main(argv=None):

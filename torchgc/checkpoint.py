@@ -55,6 +55,16 @@ def checkpoint(
             stacklevel=2,
         )
         use_reentrant = False
+    if use_reentrant and _active_ddp_finds_unused_parameters():
+        # DDP's reducer marks a parameter ready from each autograd hook; the reentrant backward
+        # fires them a second time under find_unused_parameters ("Expected to mark a variable
+        # ready only once"). The non-reentrant form gives the same gradients in one pass.
+        warnings.warn(
+            "torchgc.checkpoint: DistributedDataParallel with find_unused_parameters=True cannot run "
+            "reentrant checkpointing; using the non-reentrant form (same gradients)",
+            stacklevel=2,
+        )
+        use_reentrant = False
 
     lifted = []
     if use_reentrant:
@@ -105,6 +115,11 @@ def _check_arguments(strategy, use_reentrant, min_offload_bytes, max_host_bytes)
 
 def _has_trainable_parameters(module: torch.nn.Module) -> bool:
     return any(p.requires_grad for p in module.parameters())
+
+
+def _active_ddp_finds_unused_parameters() -> bool:
+    ddp = torch.nn.parallel.DistributedDataParallel._get_active_ddp_module()
+    return ddp is not None and ddp.find_unused_parameters and not ddp.static_graph
 
 
 def _parameter_pointers(module: Optional[torch.nn.Module]) -> set:
