@@ -28,10 +28,8 @@ def clean_patch(monkeypatch):
     torchgc.unpatch()
 
 
-@pytest.fixture
-def checkpoint_calls(monkeypatch):
-    """Counts calls of torchgc.checkpoint.checkpoint made by models enabled during the test."""
-    calls = []
+def counting_checkpoint(calls: list):
+    """torchgc.checkpoint.checkpoint, appending each call's keyword arguments to ``calls``."""
     real = CHECKPOINT_MODULE.checkpoint
 
     @functools.wraps(real)
@@ -39,7 +37,14 @@ def checkpoint_calls(monkeypatch):
         calls.append(kwargs)
         return real(function, *args, **kwargs)
 
-    monkeypatch.setattr(CHECKPOINT_MODULE, "checkpoint", counting)
+    return counting
+
+
+@pytest.fixture
+def checkpoint_calls(monkeypatch):
+    """Counts calls of torchgc.checkpoint.checkpoint made by models enabled during the test."""
+    calls = []
+    monkeypatch.setattr(CHECKPOINT_MODULE, "checkpoint", counting_checkpoint(calls))
     return calls
 
 

@@ -5,8 +5,6 @@ reduced gradients must be bitwise equal to the same wrapper without checkpointin
 same fp32 ops run in the same order, and a sum of two values does not depend on their order.
 """
 
-import functools
-import importlib
 import os
 
 import pytest
@@ -15,11 +13,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import torchgc
-from patch_helpers import assert_same_grads
+from patch_helpers import CHECKPOINT_MODULE, assert_same_grads, counting_checkpoint
 from tiny_models import batch, build
 
 WORLD_SIZE = 2
-CHECKPOINT_MODULE = importlib.import_module("torchgc.checkpoint")
 
 # (name, strategy or None for no checkpointing, use_reentrant, bottom layers trainable or None)
 RUNS = [
@@ -62,13 +59,7 @@ def _rank_main(rank, store, out_dir, wrapper, find_unused):
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD_SIZE)
     calls = []
     real = CHECKPOINT_MODULE.checkpoint
-
-    @functools.wraps(real)
-    def counting(function, *args, **kwargs):
-        calls.append(kwargs)
-        return real(function, *args, **kwargs)
-
-    CHECKPOINT_MODULE.checkpoint = counting
+    CHECKPOINT_MODULE.checkpoint = counting_checkpoint(calls)
     try:
         for name, strategy, use_reentrant, trainable_layers in RUNS:
             torchgc.unpatch()

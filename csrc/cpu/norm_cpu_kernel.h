@@ -8,6 +8,7 @@
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
+#include <array>
 #include <type_traits>
 
 #include "torchgc/norm.h"
@@ -186,141 +187,147 @@ void sum_parts(const A* part, A* out, int64_t parts, int64_t n) {
 // dbias) row by row into its own row of `part`, so the result does not depend on threads.
 inline norm::RowPartition cpu_partition(int64_t rows) { return norm::partition_rows(rows, 32, 256); }
 
-template <typename T, typename G, typename A, bool LLAMA>
-void rms_backward_rows(const G* g, const T* x, const A* w, const A* rstd, T* dx, A* dw, int64_t rows, int64_t n,
-                       A offset) {
+// Calls row(r, acc) for every row, where acc[k] is the k-th accumulator row (length n) of r's
+// part, then sums each accumulator over the parts into outs[k].
+template <size_t K, typename A, typename Row>
+void reduce_rows_by_part(int64_t rows, int64_t n, const std::array<A*, K>& outs, const Row& row) {
   const auto split = cpu_partition(rows);
-  std::vector<A> part(static_cast<size_t>(split.parts * n), A(0));
+  const int64_t stride = split.parts * n;
+  std::vector<A> part(static_cast<size_t>(K * stride), A(0));
   at::parallel_for(0, split.parts, 1, [&](int64_t pbegin, int64_t pend) {
     for (int64_t p = pbegin; p < pend; ++p) {
-      A* pw = part.data() + p * n;
+      std::array<A*, K> acc;
+      for (size_t k = 0; k < K; ++k) {
+        acc[k] = part.data() + k * stride + p * n;
+      }
       const int64_t rend = std::min(rows, (p + 1) * split.rows_per_part);
       for (int64_t r = p * split.rows_per_part; r < rend; ++r) {
-        const T* xr = x + r * n;
-        const G* gr = g + r * n;
-        T* dxr = dx + r * n;
-        const A rs = rstd[r];
-        const int64_t nv = vec_end<T, A>(n);
-        // mean(g * w' * xhat) = sum(g * w' * x) * rstd / n.
-        A dot = 0;
-        if constexpr (std::is_same_v<A, float>) {
-          const fVec ov(offset);
-          fVec s0(0.f), s1(0.f), a, b, ga, gb;
-          for (int64_t j = 0; j < nv; j += kStep) {
-            load2(xr + j, a, b);
-            load2(gr + j, ga, gb);
-            s0 = at::vec::fmadd(ga * (fVec::loadu(w + j) + ov), a, s0);
-            s1 = at::vec::fmadd(gb * (fVec::loadu(w + j + kF) + ov), b, s1);
-          }
-          dot = hsum(s0 + s1);
-        }
-        for (int64_t j = nv; j < n; ++j) {
-          dot += static_cast<A>(gr[j]) * (w[j] + offset) * static_cast<A>(xr[j]);
-        }
-        const A c1 = dot * rs / static_cast<A>(n);
-        if constexpr (std::is_same_v<A, float>) {
-          const fVec ov(offset), rv(rs), zero(0.f), cv(c1);
-          fVec a, b, ga, gb;
-          for (int64_t j = 0; j < nv; j += kStep) {
-            load2(xr + j, a, b);
-            load2(gr + j, ga, gb);
-            a = a * rv;
-            b = b * rv;
-            const fVec da = norm_dx(ga * (fVec::loadu(w + j) + ov), a, rv, zero, cv);
-            const fVec db = norm_dx(gb * (fVec::loadu(w + j + kF) + ov), b, rv, zero, cv);
-            store2(dxr + j, da, db);
-            if constexpr (LLAMA) {
-              round2<T>(a, b);
-            }
-            at::vec::fmadd(ga, a, fVec::loadu(pw + j)).store(pw + j);
-            at::vec::fmadd(gb, b, fVec::loadu(pw + j + kF)).store(pw + j + kF);
-          }
-        }
-        for (int64_t j = nv; j < n; ++j) {
-          const A gj = static_cast<A>(gr[j]);
-          A xhat = static_cast<A>(xr[j]) * rs;
-          dxr[j] = static_cast<T>(norm_dx(gj * (w[j] + offset), xhat, rs, A(0), c1));
-          if constexpr (LLAMA) {
-            xhat = norm::round_to<T>(xhat);
-          }
-          pw[j] += gj * xhat;
-        }
+        row(r, acc);
       }
     }
   });
-  sum_parts(part.data(), dw, split.parts, n);
+  for (size_t k = 0; k < K; ++k) {
+    sum_parts(part.data() + k * stride, outs[k], split.parts, n);
+  }
+}
+
+template <typename T, typename G, typename A, bool LLAMA>
+void rms_backward_rows(const G* g, const T* x, const A* w, const A* rstd, T* dx, A* dw, int64_t rows, int64_t n,
+                       A offset) {
+  reduce_rows_by_part<1>(rows, n, std::array<A*, 1>{dw}, [&](int64_t r, const std::array<A*, 1>& acc) {
+    A* pw = acc[0];
+    const T* xr = x + r * n;
+    const G* gr = g + r * n;
+    T* dxr = dx + r * n;
+    const A rs = rstd[r];
+    const int64_t nv = vec_end<T, A>(n);
+    // mean(g * w' * xhat) = sum(g * w' * x) * rstd / n.
+    A dot = 0;
+    if constexpr (std::is_same_v<A, float>) {
+      const fVec ov(offset);
+      fVec s0(0.f), s1(0.f), a, b, ga, gb;
+      for (int64_t j = 0; j < nv; j += kStep) {
+        load2(xr + j, a, b);
+        load2(gr + j, ga, gb);
+        s0 = at::vec::fmadd(ga * (fVec::loadu(w + j) + ov), a, s0);
+        s1 = at::vec::fmadd(gb * (fVec::loadu(w + j + kF) + ov), b, s1);
+      }
+      dot = hsum(s0 + s1);
+    }
+    for (int64_t j = nv; j < n; ++j) {
+      dot += static_cast<A>(gr[j]) * (w[j] + offset) * static_cast<A>(xr[j]);
+    }
+    const A c1 = dot * rs / static_cast<A>(n);
+    if constexpr (std::is_same_v<A, float>) {
+      const fVec ov(offset), rv(rs), zero(0.f), cv(c1);
+      fVec a, b, ga, gb;
+      for (int64_t j = 0; j < nv; j += kStep) {
+        load2(xr + j, a, b);
+        load2(gr + j, ga, gb);
+        a = a * rv;
+        b = b * rv;
+        const fVec da = norm_dx(ga * (fVec::loadu(w + j) + ov), a, rv, zero, cv);
+        const fVec db = norm_dx(gb * (fVec::loadu(w + j + kF) + ov), b, rv, zero, cv);
+        store2(dxr + j, da, db);
+        if constexpr (LLAMA) {
+          round2<T>(a, b);
+        }
+        at::vec::fmadd(ga, a, fVec::loadu(pw + j)).store(pw + j);
+        at::vec::fmadd(gb, b, fVec::loadu(pw + j + kF)).store(pw + j + kF);
+      }
+    }
+    for (int64_t j = nv; j < n; ++j) {
+      const A gj = static_cast<A>(gr[j]);
+      A xhat = static_cast<A>(xr[j]) * rs;
+      dxr[j] = static_cast<T>(norm_dx(gj * (w[j] + offset), xhat, rs, A(0), c1));
+      if constexpr (LLAMA) {
+        xhat = norm::round_to<T>(xhat);
+      }
+      pw[j] += gj * xhat;
+    }
+  });
 }
 
 template <typename T, typename G, typename A>
 void layer_backward_rows(const G* g, const T* x, const A* w, const A* mean, const A* rstd, T* dx, A* dw, A* db,
                          int64_t rows, int64_t n) {
-  const auto split = cpu_partition(rows);
-  std::vector<A> part_w(static_cast<size_t>(split.parts * n), A(0));
-  std::vector<A> part_b(static_cast<size_t>(split.parts * n), A(0));
-  at::parallel_for(0, split.parts, 1, [&](int64_t pbegin, int64_t pend) {
-    for (int64_t p = pbegin; p < pend; ++p) {
-      A* pw = part_w.data() + p * n;
-      A* pb = part_b.data() + p * n;
-      const int64_t rend = std::min(rows, (p + 1) * split.rows_per_part);
-      for (int64_t r = p * split.rows_per_part; r < rend; ++r) {
-        const T* xr = x + r * n;
-        const G* gr = g + r * n;
-        T* dxr = dx + r * n;
-        const A mu = mean[r];
-        const A rs = rstd[r];
-        const int64_t nv = vec_end<T, A>(n);
-        A sum_gw = 0, sum_gwx = 0;
-        if constexpr (std::is_same_v<A, float>) {
-          const fVec mv(mu), rv(rs);
-          fVec s0(0.f), s1(0.f), t0(0.f), t1(0.f), a, b, ga, gb;
-          for (int64_t j = 0; j < nv; j += kStep) {
-            load2(xr + j, a, b);
-            load2(gr + j, ga, gb);
-            const fVec gwa = ga * fVec::loadu(w + j);
-            const fVec gwb = gb * fVec::loadu(w + j + kF);
-            s0 = s0 + gwa;
-            s1 = s1 + gwb;
-            t0 = at::vec::fmadd(gwa, (a - mv) * rv, t0);
-            t1 = at::vec::fmadd(gwb, (b - mv) * rv, t1);
-          }
-          sum_gw = hsum(s0 + s1);
-          sum_gwx = hsum(t0 + t1);
-        }
-        for (int64_t j = nv; j < n; ++j) {
-          const A gw = static_cast<A>(gr[j]) * w[j];
-          sum_gw += gw;
-          sum_gwx += gw * ((static_cast<A>(xr[j]) - mu) * rs);
-        }
-        const A c0 = sum_gw / static_cast<A>(n);
-        const A c1 = sum_gwx / static_cast<A>(n);
-        if constexpr (std::is_same_v<A, float>) {
-          const fVec mv(mu), rv(rs), c0v(c0), c1v(c1);
-          fVec a, b, ga, gb;
-          for (int64_t j = 0; j < nv; j += kStep) {
-            load2(xr + j, a, b);
-            load2(gr + j, ga, gb);
-            a = (a - mv) * rv;
-            b = (b - mv) * rv;
-            store2(dxr + j, norm_dx(ga * fVec::loadu(w + j), a, rv, c0v, c1v),
-                   norm_dx(gb * fVec::loadu(w + j + kF), b, rv, c0v, c1v));
-            at::vec::fmadd(ga, a, fVec::loadu(pw + j)).store(pw + j);
-            at::vec::fmadd(gb, b, fVec::loadu(pw + j + kF)).store(pw + j + kF);
-            (fVec::loadu(pb + j) + ga).store(pb + j);
-            (fVec::loadu(pb + j + kF) + gb).store(pb + j + kF);
-          }
-        }
-        for (int64_t j = nv; j < n; ++j) {
-          const A gj = static_cast<A>(gr[j]);
-          const A xhat = (static_cast<A>(xr[j]) - mu) * rs;
-          dxr[j] = static_cast<T>(norm_dx(gj * w[j], xhat, rs, c0, c1));
-          pw[j] += gj * xhat;
-          pb[j] += gj;
-        }
+  reduce_rows_by_part<2>(rows, n, std::array<A*, 2>{dw, db}, [&](int64_t r, const std::array<A*, 2>& acc) {
+    A* pw = acc[0];
+    A* pb = acc[1];
+    const T* xr = x + r * n;
+    const G* gr = g + r * n;
+    T* dxr = dx + r * n;
+    const A mu = mean[r];
+    const A rs = rstd[r];
+    const int64_t nv = vec_end<T, A>(n);
+    A sum_gw = 0, sum_gwx = 0;
+    if constexpr (std::is_same_v<A, float>) {
+      const fVec mv(mu), rv(rs);
+      fVec s0(0.f), s1(0.f), t0(0.f), t1(0.f), a, b, ga, gb;
+      for (int64_t j = 0; j < nv; j += kStep) {
+        load2(xr + j, a, b);
+        load2(gr + j, ga, gb);
+        const fVec gwa = ga * fVec::loadu(w + j);
+        const fVec gwb = gb * fVec::loadu(w + j + kF);
+        s0 = s0 + gwa;
+        s1 = s1 + gwb;
+        t0 = at::vec::fmadd(gwa, (a - mv) * rv, t0);
+        t1 = at::vec::fmadd(gwb, (b - mv) * rv, t1);
+      }
+      sum_gw = hsum(s0 + s1);
+      sum_gwx = hsum(t0 + t1);
+    }
+    for (int64_t j = nv; j < n; ++j) {
+      const A gw = static_cast<A>(gr[j]) * w[j];
+      sum_gw += gw;
+      sum_gwx += gw * ((static_cast<A>(xr[j]) - mu) * rs);
+    }
+    const A c0 = sum_gw / static_cast<A>(n);
+    const A c1 = sum_gwx / static_cast<A>(n);
+    if constexpr (std::is_same_v<A, float>) {
+      const fVec mv(mu), rv(rs), c0v(c0), c1v(c1);
+      fVec a, b, ga, gb;
+      for (int64_t j = 0; j < nv; j += kStep) {
+        load2(xr + j, a, b);
+        load2(gr + j, ga, gb);
+        a = (a - mv) * rv;
+        b = (b - mv) * rv;
+        store2(dxr + j, norm_dx(ga * fVec::loadu(w + j), a, rv, c0v, c1v),
+               norm_dx(gb * fVec::loadu(w + j + kF), b, rv, c0v, c1v));
+        at::vec::fmadd(ga, a, fVec::loadu(pw + j)).store(pw + j);
+        at::vec::fmadd(gb, b, fVec::loadu(pw + j + kF)).store(pw + j + kF);
+        (fVec::loadu(pb + j) + ga).store(pb + j);
+        (fVec::loadu(pb + j + kF) + gb).store(pb + j + kF);
       }
     }
+    for (int64_t j = nv; j < n; ++j) {
+      const A gj = static_cast<A>(gr[j]);
+      const A xhat = (static_cast<A>(xr[j]) - mu) * rs;
+      dxr[j] = static_cast<T>(norm_dx(gj * w[j], xhat, rs, c0, c1));
+      pw[j] += gj * xhat;
+      pb[j] += gj;
+    }
   });
-  sum_parts(part_w.data(), dw, split.parts, n);
-  sum_parts(part_b.data(), db, split.parts, n);
 }
 
 }  // namespace

@@ -73,16 +73,43 @@ __device__ __forceinline__ A thread_row_sum(const T* xr, int64_t packs, int lane
   return s;
 }
 
+// Calls body(row, lane) for each row of this thread's row group (a warp when tpr == 32, else
+// the block), striding over the grid; lane is the thread's index within the group.
+template <typename Body>
+__device__ __forceinline__ void for_each_row(int64_t rows, int tpr, const Body& body) {
+  const int rows_per_block = blockDim.x / tpr;
+  const int lane = threadIdx.x % tpr;
+  for (int64_t row = static_cast<int64_t>(blockIdx.x) * rows_per_block + threadIdx.x / tpr; row < rows;
+       row += static_cast<int64_t>(gridDim.x) * rows_per_block) {
+    body(row, lane);
+  }
+}
+
+// Weight-gradient split: row group `group` (a warp or the block) takes rows
+// [group * rows_per_group, ...) in order and calls body(group, row, lane) for each; it
+// accumulates into row `group` of the part buffers, and each thread owns the same columns for
+// every row, so there are no races and no atomics.
+template <typename Body>
+__device__ __forceinline__ void for_each_group_row(int64_t rows, int tpr, int64_t groups, int64_t rows_per_group,
+                                                   const Body& body) {
+  const int64_t group = static_cast<int64_t>(blockIdx.x) * (blockDim.x / tpr) + threadIdx.x / tpr;
+  if (group >= groups) {
+    return;  // a whole warp (warp mode only: in block mode there is one group per block)
+  }
+  const int lane = threadIdx.x % tpr;
+  const int64_t end = rows < (group + 1) * rows_per_group ? rows : (group + 1) * rows_per_group;
+  for (int64_t row = group * rows_per_group; row < end; ++row) {
+    body(group, row, lane);
+  }
+}
+
 template <typename T, typename O, typename A, int VEC>
 __global__ void rms_forward_kernel(const T* __restrict__ x, const A* __restrict__ w, O* __restrict__ y,
                                    A* __restrict__ rstd, int64_t rows, int64_t n, A eps, A offset, bool llama,
                                    int tpr) {
   __shared__ A red[32];
-  const int rows_per_block = blockDim.x / tpr;
-  const int lane = threadIdx.x % tpr;
   const int64_t packs = n / VEC;
-  for (int64_t row = static_cast<int64_t>(blockIdx.x) * rows_per_block + threadIdx.x / tpr; row < rows;
-       row += static_cast<int64_t>(gridDim.x) * rows_per_block) {
+  for_each_row(rows, tpr, [&](int64_t row, int lane) {
     const T* xr = x + row * n;
     const A ss = thread_row_sum<A, VEC>(xr, packs, lane, tpr, [](A v) { return v * v; });
     const A rs = norm::row_rstd(row_sum(ss, tpr, red), n, eps);
@@ -103,7 +130,7 @@ __global__ void rms_forward_kernel(const T* __restrict__ x, const A* __restrict_
       }
       store_pack<O, VEC>(y + row * n, i, out);
     }
-  }
+  });
 }
 
 template <typename T, typename O, typename A, int VEC>
@@ -111,11 +138,8 @@ __global__ void layer_forward_kernel(const T* __restrict__ x, const A* __restric
                                      O* __restrict__ y, A* __restrict__ mean, A* __restrict__ rstd, int64_t rows,
                                      int64_t n, A eps, int tpr) {
   __shared__ A red[32];
-  const int rows_per_block = blockDim.x / tpr;
-  const int lane = threadIdx.x % tpr;
   const int64_t packs = n / VEC;
-  for (int64_t row = static_cast<int64_t>(blockIdx.x) * rows_per_block + threadIdx.x / tpr; row < rows;
-       row += static_cast<int64_t>(gridDim.x) * rows_per_block) {
+  for_each_row(rows, tpr, [&](int64_t row, int lane) {
     const T* xr = x + row * n;
     // Mean first, then squared deviations: no cancellation for rows with a large mean. The
     // second and third reads of the row hit L1/L2.
@@ -138,27 +162,18 @@ __global__ void layer_forward_kernel(const T* __restrict__ x, const A* __restric
       }
       store_pack<O, VEC>(y + row * n, i, out);
     }
-  }
+  });
 }
 
-// Row group `group` (a warp or a block) takes rows [group * rows_per_group, ...) in order and
-// accumulates its weight gradient into row `group` of `part`; each thread owns the same columns
-// for every row, so there are no races and no atomics.
 template <typename T, typename G, typename A, int VEC>
 __global__ void rms_backward_kernel(const G* __restrict__ g, const T* __restrict__ x, const A* __restrict__ w,
                                     const A* __restrict__ rstd, T* __restrict__ dx, A* __restrict__ part,
                                     int64_t rows, int64_t n, A offset, bool llama, int tpr, int64_t groups,
                                     int64_t rows_per_group) {
   __shared__ A red[32];
-  const int64_t group = static_cast<int64_t>(blockIdx.x) * (blockDim.x / tpr) + threadIdx.x / tpr;
-  if (group >= groups) {
-    return;  // a whole warp (warp mode only: in block mode there is one group per block)
-  }
-  const int lane = threadIdx.x % tpr;
   const int64_t packs = n / VEC;
-  A* pw = part + group * n;
-  const int64_t end = rows < (group + 1) * rows_per_group ? rows : (group + 1) * rows_per_group;
-  for (int64_t row = group * rows_per_group; row < end; ++row) {
+  for_each_group_row(rows, tpr, groups, rows_per_group, [&](int64_t group, int64_t row, int lane) {
+    A* pw = part + group * n;
     const T* xr = x + row * n;
     const G* gr = g + row * n;
     const A rs = rstd[row];
@@ -192,7 +207,7 @@ __global__ void rms_backward_kernel(const G* __restrict__ g, const T* __restrict
       store_pack<T, VEC>(dx + row * n, i, out);
       store_pack<A, VEC>(pw, i, acc);
     }
-  }
+  });
 }
 
 template <typename T, typename G, typename A, int VEC>
@@ -201,16 +216,10 @@ __global__ void layer_backward_kernel(const G* __restrict__ g, const T* __restri
                                       A* __restrict__ part_w, A* __restrict__ part_b, int64_t rows, int64_t n,
                                       int tpr, int64_t groups, int64_t rows_per_group) {
   __shared__ A red[32];
-  const int64_t group = static_cast<int64_t>(blockIdx.x) * (blockDim.x / tpr) + threadIdx.x / tpr;
-  if (group >= groups) {
-    return;
-  }
-  const int lane = threadIdx.x % tpr;
   const int64_t packs = n / VEC;
-  A* pw = part_w + group * n;
-  A* pb = part_b + group * n;
-  const int64_t end = rows < (group + 1) * rows_per_group ? rows : (group + 1) * rows_per_group;
-  for (int64_t row = group * rows_per_group; row < end; ++row) {
+  for_each_group_row(rows, tpr, groups, rows_per_group, [&](int64_t group, int64_t row, int lane) {
+    A* pw = part_w + group * n;
+    A* pb = part_b + group * n;
     const T* xr = x + row * n;
     const G* gr = g + row * n;
     const A mu = mean[row];
@@ -248,7 +257,7 @@ __global__ void layer_backward_kernel(const G* __restrict__ g, const T* __restri
       store_pack<A, VEC>(pw, i, acc_w);
       store_pack<A, VEC>(pb, i, acc_b);
     }
-  }
+  });
 }
 
 template <typename A>
