@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from torchgc import bench
 
@@ -30,6 +31,8 @@ def test_sweep_writes_table_json_and_plot_with_gradient_agreement(tiny_config, t
     names = {(r["name"], r["seq_len"]) for r in report["results"]}
     expected = {"none", "hf-reentrant", "hf-nonreentrant", "torchgc-offload-reentrant", "torchgc-offload-nonreentrant"}
     assert names == {(n, 16) for n in expected}
+    saved = {row["name"]: row["saved_for_backward_bytes"] for row in report["results"]}
+    assert all(saved[name] < saved["none"] for name in saved if name != "none"), saved
     for row in report["results"]:
         assert row["step_seconds"] > 0
         if row["name"] != "none":
@@ -37,7 +40,66 @@ def test_sweep_writes_table_json_and_plot_with_gradient_agreement(tiny_config, t
         if row["name"].startswith("torchgc-offload"):
             assert row["host_offloaded_bytes"] > 0, row["name"]
     assert (out / "bench.png").stat().st_size > 1000
-    assert "hf-nonreentrant" in proc.stdout and "bitwise equal" in proc.stdout
+    assert "hf-nonreentrant" in proc.stdout and "bitwise equal" in proc.stdout and "saved MiB" in proc.stdout
+
+
+SEQ_LEN = 64
+
+
+def _model(kind, use_reentrant=False, layers=TINY["num_hidden_layers"]):
+    model = bench._build_model({"model_config": dict(TINY, num_hidden_layers=layers)}, torch.device("cpu"))
+    bench._apply_config(model, bench.RunConfig(kind, use_reentrant))
+    return model
+
+
+def _batch():
+    input_ids = torch.randint(0, TINY["vocab_size"], (1, SEQ_LEN), generator=torch.Generator().manual_seed(1))
+    return {"input_ids": input_ids, "labels": input_ids}
+
+
+def _saved_bytes(kind, use_reentrant=False, layers=TINY["num_hidden_layers"]):
+    return bench.saved_for_backward_bytes(_model(kind, use_reentrant, layers), _batch())
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True])
+@pytest.mark.parametrize("kind", ["hf", "torchgc-checkpoint"])
+def test_checkpointed_saved_bytes_are_the_layer_inputs_and_what_runs_outside_the_layers(kind, use_reentrant):
+    layers, s, h, v = TINY["num_hidden_layers"], SEQ_LEN, TINY["hidden_size"], TINY["vocab_size"]
+    head_dim = h // TINY["num_attention_heads"]
+    expected = 4 * (
+        layers * s * h        # each checkpointed layer's input
+        + s * s               # the eager causal mask, kept for the layers' recompute
+        + 2 * s * head_dim    # rotary cos and sin, kept likewise
+        + 3 * s * h           # final norm: its input and normalized input; lm_head: its input
+        + s * v               # cross entropy's log-softmax
+    )
+    # Not in `expected`: int64 positions and labels, the norm's rstd, scalars (about 1.7%).
+    saved = _saved_bytes(kind, use_reentrant)
+    assert abs(saved - expected) <= 0.03 * expected, (saved, expected)
+    assert _saved_bytes("none") > 5 * saved
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_offload_does_not_count_the_inputs_it_moved_to_the_host(use_reentrant):
+    # Every layer's input but the last one's has gone to the host by the end of forward.
+    layers = 3
+    offloaded = (layers - 1) * SEQ_LEN * TINY["hidden_size"] * 4
+    checkpointed = _saved_bytes("torchgc-checkpoint", use_reentrant, layers)
+    assert _saved_bytes("torchgc-offload", use_reentrant, layers) == checkpointed - offloaded
+
+
+@pytest.mark.parametrize("kind,use_reentrant", [("torchgc-offload", False), ("hf", True)])
+def test_measuring_leaves_the_next_step_unchanged(kind, use_reentrant):
+    def grads_of_one_step(measure_first):
+        model = _model(kind, use_reentrant)
+        if measure_first:
+            bench.saved_for_backward_bytes(model, _batch())
+            model.zero_grad(set_to_none=True)
+        model(**_batch()).loss.backward()
+        return {n: p.grad for n, p in model.named_parameters()}
+
+    plain, measured = grads_of_one_step(False), grads_of_one_step(True)
+    assert all(torch.equal(plain[n], measured[n]) for n in plain)
 
 
 @pytest.mark.parametrize(

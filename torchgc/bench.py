@@ -2,10 +2,12 @@
 
 Each (strategy, sequence length) runs in a fresh subprocess so peak memory is its own: on CUDA
 the allocator's peak above the memory held before the step (parameters, gradients, optimizer
-state); on CPU the peak RSS above the RSS before the first step. Step time is the median of the
-timed steps after warm-up. Gradients after the first step are compared with the no-checkpoint
-run. Results: a terminal table with ratios against transformers' own checkpointing, JSON with the
-environment, and a PNG plot.
+state); on CPU the peak RSS above the RSS before the first step. One extra step ahead of the
+warm-up, untimed, measures the activation bytes that the autograd graph holds for backward at the
+end of its forward. Step time is the median of the timed steps after warm-up. Gradients after the
+step that follows the measuring one are compared with the no-checkpoint run. Results: a terminal
+table with ratios against transformers' own checkpointing, JSON with the environment, and a PNG
+plot.
 """
 
 import argparse
@@ -66,6 +68,7 @@ class RunResult:
     peak_activation_bytes: int
     peak_reserved_bytes: Optional[int]
     host_offloaded_bytes: int
+    saved_for_backward_bytes: int
     grad_max_abs_diff: Optional[float] = None
     grads_bitwise_equal: Optional[bool] = None
     loss: float = 0.0
@@ -140,6 +143,58 @@ def _decoder_layers(model):
     return max(lists, key=len) if lists else []
 
 
+def saved_for_backward_bytes(model, inputs: dict) -> int:
+    """Runs one training step (forward and backward, no optimizer step) and returns the bytes of
+    the activation storages that the autograd graph holds for backward at the end of its forward.
+
+    Candidates are every tensor that a saved-tensor hook around the model packs (what autograd
+    saves outside checkpointed regions, and the inputs that reentrant and non-reentrant checkpoint
+    save) and every tensor passed to a module (a checkpointed layer's inputs: the checkpoint keeps
+    its keyword arguments in its recompute function, not as saved tensors, and torchgc's offload
+    hooks, being innermost, pack its saved inputs out of the outer hook's sight). A candidate counts
+    if its storage is still alive when the forward returns: an input that offloading moved to host
+    memory has been released on the device by then (host_offloaded_bytes reports the host side), one
+    that offloading keeps (the last layer's, one shared by layers) has not. Each storage counts
+    once and in full, since it stays allocated while any view of it is held. Not counted:
+    parameters, buffers and the batch, which stay resident regardless, and the RNG state that a
+    checkpoint keeps (about 5 KiB a layer), which is no activation.
+    """
+    import torch
+    from torch.multiprocessing.reductions import StorageWeakRef
+    from torch.utils import _pytree as pytree
+
+    kept_anyway = [*model.parameters(), *model.buffers(), *inputs.values()]
+    excluded = {t.untyped_storage().data_ptr() for t in kept_anyway}
+    # By address: a storage recorded at an address that a later one reuses has been freed.
+    candidates = {}
+
+    def record(tensor):
+        if isinstance(tensor, torch.Tensor) and tensor.layout == torch.strided:
+            storage = tensor.untyped_storage()
+            if storage.nbytes() and storage.data_ptr() not in excluded:
+                candidates[storage.data_ptr()] = (StorageWeakRef(storage), storage.nbytes())
+
+    def pack(tensor):
+        record(tensor)
+        # Detached: a saved output holding its own grad_fn would be a cycle that outlives a failed step.
+        return tensor.detach()
+
+    def record_inputs(module, args, kwargs):
+        for leaf in pytree.tree_leaves((args, kwargs)):
+            record(leaf)
+
+    handles = [m.register_forward_pre_hook(record_inputs, with_kwargs=True) for m in model.modules()]
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            loss = model(**inputs).loss
+    finally:
+        for handle in handles:
+            handle.remove()
+    nbytes = sum(size for ref, size in candidates.values() if not ref.expired())
+    loss.backward()
+    return nbytes
+
+
 def run_worker(spec: dict) -> dict:
     import torch
 
@@ -163,6 +218,7 @@ def run_worker(spec: dict) -> dict:
         torch.cuda.reset_peak_memory_stats()
     else:
         base = _rss_bytes()
+    saved_bytes = saved_for_backward_bytes(model, inputs)
     times, host_bytes, loss_value = [], 0, 0.0
     grads_file = spec["grads_file"]
     for step in range(spec["warmup"] + spec["steps"]):
@@ -190,6 +246,7 @@ def run_worker(spec: dict) -> dict:
         "peak_activation_bytes": peak,
         "peak_reserved_bytes": reserved,
         "host_offloaded_bytes": host_bytes,
+        "saved_for_backward_bytes": saved_bytes,
         "loss": loss_value,
         "grads_file": grads_file,
     }
@@ -265,20 +322,26 @@ def _progress(total: int, enabled: bool):
         return Plain()
 
 
+def _ratio(result: RunResult, base: Optional[RunResult], attribute: str) -> str:
+    base_value = getattr(base, attribute) if base else 0
+    return f"{getattr(result, attribute) / base_value:6.3f}" if base_value > 0 else "     -"
+
+
 def format_table(results: List[RunResult]) -> str:
     baseline = {r.seq_len: r for r in results if r.config.name == BASELINE}
-    header = f"{'strategy':50} {'seq':>6} {'step s':>8} {'x hf':>6} {'peak act MiB':>13} {'x hf':>6} {'host MiB':>9} {'grad max|diff|':>15}"
+    header = (f"{'strategy':50} {'seq':>6} {'step s':>8} {'x hf':>6} {'peak act MiB':>13} {'x hf':>6} {'saved MiB':>10} {'x hf':>6} "
+              f"{'host MiB':>9} {'grad max|diff|':>15}")
     lines = [header, "-" * len(header)]
     for r in results:
         base = baseline.get(r.seq_len)
-        time_ratio = f"{r.step_seconds / base.step_seconds:6.3f}" if base else "     -"
-        mem_ratio = f"{r.peak_activation_bytes / base.peak_activation_bytes:6.3f}" if base and base.peak_activation_bytes > 0 else "     -"
         if r.grad_max_abs_diff is None:
             grad = "reference" if r.config.kind == "none" else "-"
         else:
             grad = "bitwise equal" if r.grads_bitwise_equal else f"{r.grad_max_abs_diff:.2e}"
         lines.append(
-            f"{r.config.name:50} {r.seq_len:6d} {r.step_seconds:8.3f} {time_ratio} {r.peak_activation_bytes / 2**20:13.1f} {mem_ratio} "
+            f"{r.config.name:50} {r.seq_len:6d} {r.step_seconds:8.3f} {_ratio(r, base, 'step_seconds')} "
+            f"{r.peak_activation_bytes / 2**20:13.1f} {_ratio(r, base, 'peak_activation_bytes')} "
+            f"{r.saved_for_backward_bytes / 2**20:10.1f} {_ratio(r, base, 'saved_for_backward_bytes')} "
             f"{r.host_offloaded_bytes / 2**20:9.1f} {grad:>15}"
         )
     return "\n".join(lines)
