@@ -120,3 +120,18 @@ def test_bad_input_exits_non_zero_with_a_clear_error(args, message, capsys, tmp_
     assert bench.main(args + ["--out", str(tmp_path)]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "bench.json").exists()
+
+
+def test_a_configuration_that_fails_in_its_worker_names_it_and_shows_the_worker_traceback():
+    broken = {"model_config": dict(TINY, hidden_act="no-such-activation")}
+    with pytest.raises(RuntimeError, match=r"(?s)configuration .*'kind': 'none'.* failed .*no-such-activation"):
+        bench.sweep(broken, [bench.RunConfig("none")], [16], device="cpu", batch_size=1, steps=1, warmup=0, progress=False)
+
+
+def test_workers_are_fresh_processes_with_their_own_peak_memory():
+    # Two identical runs forked from the same server measure the same peak: the first run's
+    # memory is neither inherited by the second nor counted twice.
+    spec = {"model_config": TINY}
+    first, second = bench.sweep(spec, [bench.RunConfig("none")] * 2, [64], device="cpu", batch_size=1, steps=1, warmup=0, progress=False)
+    assert first.peak_activation_bytes > 0
+    assert abs(first.peak_activation_bytes - second.peak_activation_bytes) <= 0.25 * first.peak_activation_bytes

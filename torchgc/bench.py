@@ -1,16 +1,18 @@
 """`torchgc bench`: memory and speed of every checkpointing strategy on one model.
 
-Each (strategy, sequence length) runs in a fresh subprocess so peak memory is its own: on CUDA
-the allocator's peak above the memory held before the step (parameters, gradients, optimizer
-state); on CPU the peak RSS above the RSS before the first step. One extra step ahead of the
-warm-up, untimed, measures the activation bytes that the autograd graph holds for backward at the
-end of its forward. Step time is the median of the timed steps after warm-up. Gradients after the
-step that follows the measuring one are compared with the no-checkpoint run. Results: a terminal
-table with ratios against transformers' own checkpointing, JSON with the environment, and a PNG
-plot.
+Each (strategy, sequence length) runs in a fresh process (see _worker_context) so peak memory is
+its own: on CUDA the allocator's peak above the memory held before the step (parameters,
+gradients, optimizer state); on CPU the peak RSS above the RSS before the first step. One extra
+step ahead of the warm-up, untimed, measures the activation bytes that the autograd graph holds
+for backward at the end of its forward. Step time is the median of the timed steps after
+warm-up. Gradients after the step that follows the measuring one are compared with the
+no-checkpoint run. Results: a terminal table with ratios against transformers' own
+checkpointing, JSON with the environment, and a PNG plot.
 """
 
 import argparse
+import ctypes
+import ctypes.util
 import functools
 import json
 import os
@@ -20,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import List, Optional
@@ -94,6 +97,23 @@ def default_runs(fused_norm: bool, freeze: bool) -> List[RunConfig]:
 def _rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * resource.getpagesize()
+
+
+def _reset_peak_rss() -> None:
+    # A forked worker inherits the server's high-water mark; "5" resets it (Linux >= 4.0).
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass  # then the peak below may include the server's, and only ever overstates
+
+
+def _peak_rss_bytes() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
 def _build_model(spec: dict, device):
@@ -217,6 +237,7 @@ def run_worker(spec: dict) -> dict:
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
     else:
+        _reset_peak_rss()
         base = _rss_bytes()
     saved_bytes = saved_for_backward_bytes(model, inputs)
     times, host_bytes, loss_value = [], 0, 0.0
@@ -228,18 +249,18 @@ def run_worker(spec: dict) -> dict:
         loss = model(**inputs).loss
         host_bytes = max(host_bytes, torchgc.ops.host_pool_stats().in_use_bytes)
         loss.backward()
-        if step == 0:
-            loss_value = loss.item()
-            torch.save({n: p.grad.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}, grads_file)
         optimizer.step()
         sync()
+        elapsed = time.perf_counter() - start
         if step >= spec["warmup"]:
-            times.append(time.perf_counter() - start)
+            times.append(elapsed)
+        if step == 0:  # the optimizer step leaves .grad as backward made it
+            loss_value = loss.item()
+            torch.save({n: p.grad.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}, grads_file)
     if device.type == "cuda":
         peak, reserved = torch.cuda.max_memory_allocated() - base, torch.cuda.max_memory_reserved()
     else:
-        # ru_maxrss is in KiB on Linux.
-        peak, reserved = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base, None
+        peak, reserved = _peak_rss_bytes() - base, None
     return {
         "step_seconds": statistics.median(times),
         "step_seconds_all": times,
@@ -256,17 +277,52 @@ def run_worker(spec: dict) -> dict:
 # Driver.
 
 
-def _run_in_subprocess(spec: dict) -> dict:
-    env = dict(os.environ)
-    # A fixed threshold makes glibc return freed activations to the OS, so RSS follows them.
-    env.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")
-    proc = subprocess.run(
-        [sys.executable, "-m", "torchgc.bench", "--worker", json.dumps(spec)],
-        capture_output=True, text=True, env=env,
-    )
-    if proc.returncode != 0:
-        raise RuntimeError(f"torchgc bench: configuration {spec['config']} at seq_len {spec['seq_len']} failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+# Each configuration runs in a fresh process, forked from a server that has already imported torch
+# and transformers: its own address space (so its own peak memory) without paying about 9 s of
+# imports each time. The server neither initializes CUDA nor runs a parallel op, so forking is safe.
+_WORKER_PRELOAD = ["torch", "transformers", "transformers.models.auto.modeling_auto", "torchgc.bench"]
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+
+
+def _worker_context():
+    import multiprocessing
+
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(_WORKER_PRELOAD)
+    return context
+
+
+def _worker_main(spec: dict, conn) -> None:
+    # A fixed threshold (glibc's default grows with use) makes freed activations go back to the
+    # OS, so RSS follows them.
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c")).mallopt(_M_MMAP_THRESHOLD, 65536)
+    except (OSError, AttributeError, TypeError):
+        pass  # not glibc: RSS may stay high after a peak, which only overstates later peaks
+    try:
+        conn.send(("ok", run_worker(spec)))
+    except BaseException:
+        conn.send(("error", traceback.format_exc()))
+    finally:
+        conn.close()
+
+
+def _run_in_subprocess(spec: dict, context) -> dict:
+    receiver, sender = context.Pipe(duplex=False)
+    proc = context.Process(target=_worker_main, args=(spec, sender), daemon=True)
+    proc.start()
+    sender.close()
+    try:
+        status, payload = receiver.recv()
+    except EOFError:
+        status, payload = "error", "the worker process died without a result"
+    finally:
+        receiver.close()
+        proc.join()
+    if status != "ok":
+        raise RuntimeError(f"torchgc bench: configuration {spec['config']} at seq_len {spec['seq_len']} failed "
+                           f"(exit code {proc.exitcode}):\n{payload[-3000:]}")
+    return payload
 
 
 def _compare_grads(reference_file: str, grads_file: str):
@@ -284,13 +340,14 @@ def sweep(model_spec: dict, runs: List[RunConfig], seq_lens: List[int], *, devic
     results = []
     jobs = [(seq_len, run) for seq_len in seq_lens for run in runs]
     bar = _progress(len(jobs), progress)
+    context = _worker_context()
     with tempfile.TemporaryDirectory(prefix="torchgc-bench-") as tmp:
         reference = {}
         for seq_len, run in jobs:
             bar.set_description(f"{run.name} @ {seq_len}")
             spec = dict(model_spec, config=asdict(run), seq_len=seq_len, device=device, batch_size=batch_size, steps=steps, warmup=warmup,
                         grads_file=str(Path(tmp) / f"{run.name}-{seq_len}.pt"))
-            out = _run_in_subprocess(spec)
+            out = _run_in_subprocess(spec, context)
             result = RunResult(config=run, seq_len=seq_len, **out)
             if run.kind == "none":
                 reference[seq_len] = result.grads_file
@@ -501,7 +558,4 @@ def _fused_norm_available() -> bool:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 3 and sys.argv[1] == "--worker":
-        print(json.dumps(run_worker(json.loads(sys.argv[2]))))
-    else:
-        sys.exit(main())
+    sys.exit(main())
