@@ -1,6 +1,8 @@
 # torchgc's two commands: `make demo` (the main job) and `make test` (every test). Both set
 # everything up themselves: a virtual environment pinned by tests/constraints.txt, the op library
 # built through CMake, and GoogleTest for the C++ tests.
+SHELL := /bin/bash
+.SHELLFLAGS := -o pipefail -c
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -18,7 +20,7 @@ OVERLAYS := $(shell sed -n 's/^\#overlay \([^ ]*\) .*/\1/p' $(CONSTRAINTS))
 overlay-pins = $(shell sed -n 's/^\#overlay $(1) //p' $(CONSTRAINTS))
 PATCH_TESTS := $(wildcard tests/test_patch*.py)
 
-.PHONY: venv gtest build test pytest ctest ctest-asan demo clean overlays pytest-overlays FORCE
+.PHONY: venv gtest build test pytest ctest ctest-asan demo gpu-check clean overlays pytest-overlays FORCE
 
 venv: $(VENV)/.installed
 $(VENV)/.installed: $(CONSTRAINTS)
@@ -80,5 +82,20 @@ test: ctest pytest pytest-overlays
 demo: build
 	$(PY) -m torchgc bench --layers 4 --steps 3 --warmup 0 --out results
 
-clean:
-	rm -rf build torchgc/_C*.so *.egg-info
+# Everything that needs a GPU, on a machine that already has torch, transformers and peft (no
+# venv, no download): `make gpu-check PY=python3`. Builds in place for that GPU, runs the GPU
+# tests and the op benchmarks, then the strategies on a 1B-class Llama (benchmarks/llama-gpu.json)
+# at three depths, for offload's flat peak memory. Output lands in $(GPU_OUT).
+GPU_OUT ?= results/gpu
+GPU_LAYERS ?= 4 8 16
+gpu-check:
+	mkdir -p $(GPU_OUT)
+	TORCH_CUDA_ARCH_LIST="$$($(PY) -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())')" \
+	  TORCHGC_CUDA=ON $(PY) -m pip install --quiet --no-build-isolation --no-deps -e .
+	$(PY) -m pytest -q -ra -m cuda 2>&1 | tee $(GPU_OUT)/pytest-cuda.txt
+	$(PY) benchmarks/run.py norm --device cuda 2>&1 | tee $(GPU_OUT)/norm.txt
+	$(PY) benchmarks/run.py offload --device cuda 2>&1 | tee $(GPU_OUT)/offload.txt
+	for layers in $(GPU_LAYERS); do \
+	  $(PY) -m torchgc bench --device cuda --config benchmarks/llama-gpu.json --layers $$layers --seq-lens 2048,8192 \
+	    --strategies none,hf,torchgc-checkpoint,torchgc-offload --no-freeze --quiet --out $(GPU_OUT)/layers-$$layers || exit 1; \
+	done

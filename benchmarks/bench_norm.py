@@ -139,6 +139,15 @@ def run(kind, rows, hidden, device, repeats, warmup):
     return results
 
 
+def _peak_bandwidth_gbps(device):
+    """A GPU's theoretical memory bandwidth: two transfers per memory clock (kHz) over the bus."""
+    if device.type != "cuda":
+        return None
+    props = torch.cuda.get_device_properties(device)
+    clock_khz, bus_bits = getattr(props, "memory_clock_rate", 0), getattr(props, "memory_bus_width", 0)
+    return 2 * clock_khz * 1e3 * bus_bits / 8 / 1e9 if clock_khz and bus_bits else None
+
+
 def _print(results, rows, hidden, device):
     print(f"\n{results[0]['kind']} norm, x [{rows}, {hidden}] bf16, weight fp32, device {device}, "
           f"{torch.get_num_threads()} threads (medians; ratio = time / torchgc's time)")
@@ -152,6 +161,11 @@ def _print(results, rows, hidden, device):
     eager, copy = by_name["(a) eager"], by_name["(d) copy of x"]
     print(f"{'ceiling (a)/(d)':24} {eager['fwd_s'] / copy['fwd_s']:>17.2f} {'':7} "
           f"{eager['fwd_bwd_s'] / copy['fwd_bwd_s']:>19.2f}   (the most any kernel can gain over (a))")
+    peak = _peak_bandwidth_gbps(device)
+    if peak:
+        ours = results[0]
+        print(f"torchgc reaches {100 * ours['fwd_GBps'] / peak:.0f}% (forward) and {100 * ours['fwd_bwd_GBps'] / peak:.0f}% "
+              f"(forward+backward) of the device's {peak:.0f} GB/s peak memory bandwidth")
 
 
 def main(argv=None):
