@@ -383,27 +383,64 @@ def test_cuda_kernels_match_float64_reference(rows, hidden, x_name, w_kind):
         ours = errors(lambda x_, w_: ops.rms_norm(x_, w_, EPS, offset), x, w, g)
         check_no_worse(ours, hf, ref, [x_dtype, x_dtype, w_dtype], ["y", "dx", "dweight"],
                        noise_floors(x, w, g, "rms", offset))
-        cpu = errors(lambda x_, w_: ops.rms_norm(x_, w_, EPS, offset), x.cpu(), w.cpu(), g.cpu())
-        for a, c in zip(ours, cpu):
-            assert (a.cpu().double() - c.double()).abs().max() <= 2 * half_ulp_bound(c.double(), a.dtype) + 1e-6
+        assert_cuda_matches_cpu(lambda x_, w_: ops.rms_norm(x_, w_, EPS, offset), (x, w), g, noise_floors(x, w, g, "rms", offset))
     ref = float64_grads(layer_ref, x, w, g, b)
     theirs = errors(lambda x_, w_, b_: nn.functional.layer_norm(x_, (hidden,), w_, b_, EPS), x, w, g, b)
     ours = errors(lambda x_, w_, b_: ops.layer_norm(x_, w_, b_, EPS), x, w, g, b)
     check_no_worse(ours, theirs, ref, [x_dtype, x_dtype, w_dtype, w_dtype], ["y", "dx", "dweight", "dbias"],
                    noise_floors(x, w, g, "layer"))
+    assert_cuda_matches_cpu(lambda x_, w_, b_: ops.layer_norm(x_, w_, b_, EPS), (x, w, b), g, noise_floors(x, w, g, "layer"))
+
+
+def assert_cuda_matches_cpu(fn, cuda_inputs, g, floors):
+    """y, dx, dweight (and dbias) of fn on CUDA against the CPU kernel: each rounds once, and their
+    fp32 sums differ only in order (different row parts), so each result may differ by the result
+    dtype's rounding or the fp32 noise floor, on each side."""
+    cuda = errors(fn, *cuda_inputs[:2], g, *cuda_inputs[2:])
+    cpu_inputs = [t.cpu() for t in cuda_inputs]
+    cpu = errors(fn, *cpu_inputs[:2], g.cpu(), *cpu_inputs[2:])
+    for name, a, c, floor in zip(["y", "dx", "dweight", "dbias"], cuda, cpu, floors):
+        bound = 2 * max(half_ulp_bound(c.double(), a.dtype), floor)
+        assert max_err(a.cpu(), c.double()) <= bound, f"{name}: CUDA and CPU differ by {max_err(a.cpu(), c.double()):.3g} > {bound:.3g}"
 
 
 @pytest.mark.cuda
-def test_cuda_unaligned_and_non_contiguous_inputs_take_the_scalar_path_correctly():
-    base = torch.randn(64, 1025, device="cuda", dtype=torch.bfloat16)
-    x = base[:, 1:]  # rows start 2 bytes off a 16-byte boundary
-    w = torch.rand(1024, device="cuda") + 0.5
-    y = ops.rms_norm(x, w, EPS)
-    assert torch.equal(y, ops.rms_norm(x.contiguous(), w, EPS).to(y.dtype)) or (
-        (y.float() - ops.rms_norm(x.contiguous(), w, EPS).float()).abs().max() <= 2 ** -7 * y.float().abs().max()
-    )
-    ref = rms_ref(x.double(), w.double(), 0.0)
-    assert (y.double() - ref).abs().max() <= 2 ** -8 * ref.abs().max()
+@pytest.mark.parametrize("hidden", [100, 1001, 1024, 4097])
+def test_cuda_unaligned_inputs_take_the_scalar_path_correctly(hidden):
+    # A contiguous view 2 bytes past a 16-byte boundary, or an odd width, rules out 16-byte packs:
+    # the scalar path runs, a warp per row (hidden 100) or a block per row (the others).
+    rows = 64
+    base = torch.randn(rows * hidden + 1, device="cuda", dtype=torch.bfloat16)
+    x = base[1:].view(rows, hidden)
+    assert x.is_contiguous() and x.data_ptr() % 16 != 0
+    w = torch.rand(hidden, device="cuda") + 0.5
+    b = torch.randn(hidden, device="cuda")
+    g = torch.randn(rows, hidden, device="cuda", dtype=torch.bfloat16)
+    assert_cuda_matches_cpu(lambda x_, w_: ops.rms_norm(x_, w_, EPS), (x, w), g, noise_floors(x, w, g, "rms"))
+    assert_cuda_matches_cpu(lambda x_, w_, b_: ops.layer_norm(x_, w_, b_, EPS), (x, w, b), g, noise_floors(x, w, g, "layer"))
+
+
+@pytest.mark.cuda
+def test_cuda_weight_gradient_bits_do_not_depend_on_alignment():
+    # Aligned, the rows take the packed path; 2 bytes off, the scalar one. The row parts of the
+    # weight-gradient reduction depend on the row count only, so dweight's bits are the same.
+    rows, hidden = 20_000, 1024
+    x, w, g, b = make_inputs(rows, hidden, torch.bfloat16, torch.float32, device="cuda", bias=True)
+    shifted = torch.empty(rows * hidden + 1, device="cuda", dtype=torch.bfloat16)[1:].view(rows, hidden).copy_(x)
+    for fn in (lambda x_, w_: ops.rms_norm(x_, w_, EPS), lambda x_, w_: ops.layer_norm(x_, w_, b, EPS)):
+        assert torch.equal(errors(fn, x, w, g)[2], errors(fn, shifted, w, g)[2])
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("x_name", ["fp32", "fp64"])
+def test_cuda_wide_rows_launch_the_largest_blocks(x_name):
+    # fp32 rows of 16384 (4096 packs) and unpackable fp64 rows of 8191 get 1024-thread blocks,
+    # which the backward kernels must fit in their registers.
+    hidden = 16384 if x_name == "fp32" else 8191
+    dtype = {"fp32": torch.float32, "fp64": torch.float64}[x_name]
+    x, w, g, b = make_inputs(8, hidden, dtype, dtype, device="cuda", bias=True)
+    assert_cuda_matches_cpu(lambda x_, w_: ops.rms_norm(x_, w_, EPS), (x, w), g, noise_floors(x, w, g, "rms"))
+    assert_cuda_matches_cpu(lambda x_, w_, b_: ops.layer_norm(x_, w_, b_, EPS), (x, w, b), g, noise_floors(x, w, g, "layer"))
 
 
 @pytest.mark.cuda

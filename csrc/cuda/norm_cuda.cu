@@ -17,6 +17,11 @@
 namespace torchgc {
 namespace {
 
+// The most threads row_launch gives a block. Declared to the compiler so it keeps every kernel
+// within the registers that a block this large can have (the backward kernels otherwise take up
+// to 80 per thread, and a 1024-thread launch fails).
+constexpr int kMaxThreads = 1024;
+
 template <typename T, int N>
 struct alignas(sizeof(T) * N) Pack {
   T v[N];
@@ -104,7 +109,7 @@ __device__ __forceinline__ void for_each_group_row(int64_t rows, int tpr, int64_
 }
 
 template <typename T, typename O, typename A, int VEC>
-__global__ void rms_forward_kernel(const T* __restrict__ x, const A* __restrict__ w, O* __restrict__ y,
+__global__ void __launch_bounds__(kMaxThreads) rms_forward_kernel(const T* __restrict__ x, const A* __restrict__ w, O* __restrict__ y,
                                    A* __restrict__ rstd, int64_t rows, int64_t n, A eps, A offset, bool llama,
                                    int tpr) {
   __shared__ A red[32];
@@ -134,7 +139,7 @@ __global__ void rms_forward_kernel(const T* __restrict__ x, const A* __restrict_
 }
 
 template <typename T, typename O, typename A, int VEC>
-__global__ void layer_forward_kernel(const T* __restrict__ x, const A* __restrict__ w, const A* __restrict__ b,
+__global__ void __launch_bounds__(kMaxThreads) layer_forward_kernel(const T* __restrict__ x, const A* __restrict__ w, const A* __restrict__ b,
                                      O* __restrict__ y, A* __restrict__ mean, A* __restrict__ rstd, int64_t rows,
                                      int64_t n, A eps, int tpr) {
   __shared__ A red[32];
@@ -166,7 +171,7 @@ __global__ void layer_forward_kernel(const T* __restrict__ x, const A* __restric
 }
 
 template <typename T, typename G, typename A, int VEC>
-__global__ void rms_backward_kernel(const G* __restrict__ g, const T* __restrict__ x, const A* __restrict__ w,
+__global__ void __launch_bounds__(kMaxThreads) rms_backward_kernel(const G* __restrict__ g, const T* __restrict__ x, const A* __restrict__ w,
                                     const A* __restrict__ rstd, T* __restrict__ dx, A* __restrict__ part,
                                     int64_t rows, int64_t n, A offset, bool llama, int tpr, int64_t groups,
                                     int64_t rows_per_group) {
@@ -211,7 +216,7 @@ __global__ void rms_backward_kernel(const G* __restrict__ g, const T* __restrict
 }
 
 template <typename T, typename G, typename A, int VEC>
-__global__ void layer_backward_kernel(const G* __restrict__ g, const T* __restrict__ x, const A* __restrict__ w,
+__global__ void __launch_bounds__(kMaxThreads) layer_backward_kernel(const G* __restrict__ g, const T* __restrict__ x, const A* __restrict__ w,
                                       const A* __restrict__ mean, const A* __restrict__ rstd, T* __restrict__ dx,
                                       A* __restrict__ part_w, A* __restrict__ part_b, int64_t rows, int64_t n,
                                       int tpr, int64_t groups, int64_t rows_per_group) {
@@ -280,7 +285,7 @@ RowLaunch row_launch(int64_t packs) {
     return {128, 32};
   }
   int64_t t = ((packs + 3) / 4 + 31) / 32 * 32;
-  t = t < 64 ? 64 : (t > 1024 ? 1024 : t);
+  t = t < 64 ? 64 : (t > kMaxThreads ? kMaxThreads : t);
   return {static_cast<int>(t), static_cast<int>(t)};
 }
 
@@ -316,10 +321,9 @@ void sum_parts(const at::Tensor& part, at::Tensor& out, cudaStream_t stream) {
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// Row groups of the weight-gradient reduction; the split depends on the shape only.
-norm::RowPartition cuda_partition(int64_t rows, const RowLaunch& launch) {
-  return norm::partition_rows(rows, 4, launch.tpr == 32 ? 2048 : 512);
-}
+// Row groups of the weight-gradient reduction. The split depends on the row count only, not on
+// the launch shape (which depends on alignment), so dweight has the same bits for the same values.
+norm::RowPartition cuda_partition(int64_t rows) { return norm::partition_rows(rows, 4, 1024); }
 
 // Launchers, in the NormKernels shape: inputs contiguous, parameters in the math dtype, outputs
 // allocated (norm_cpu.cpp's rms_norm_with and friends prepare them).
@@ -390,7 +394,7 @@ void run_backward(const at::Tensor& g, const at::Tensor& x, const at::Tensor& w,
                         {dx.const_data_ptr(), sizeof(T)}},
                     [&](auto vec) {
                       const auto rl = row_launch(n / decltype(vec)::value);
-                      const auto split = cuda_partition(rows, rl);
+                      const auto split = cuda_partition(rows);
                       std::vector<at::Tensor> parts;
                       for (size_t i = 0; i < reduced.size(); ++i) {
                         parts.push_back(at::zeros({split.parts, n}, x.options().dtype(c10::CppTypeToScalarType<A>::value)));

@@ -58,10 +58,14 @@ at::Tensor host_buffer(const at::Tensor& like, size_t nbytes) {
 }
 
 // The pinned block must not be handed out again until the copy on `stream` that uses it is done.
+// Blocks the pool adopted are recorded by their own pointer; any other host tensor (one from
+// pin_memory(), or pageable memory) by its storage's, which the allocator ignores if not its own.
 void record_host_use(const at::Tensor& host, const c10::cuda::CUDAStream& stream) {
-  if (const auto* block = HostPool::adopted_block(host)) {
-    at::getHostAllocator(at::kCUDA)->record_event(block->get(), block->get_context(), stream.unwrap());
+  const c10::DataPtr* data = HostPool::adopted_block(host);
+  if (data == nullptr) {
+    data = &host.storage().data_ptr();
   }
+  at::getHostAllocator(at::kCUDA)->record_event(data->get(), data->get_context(), stream.unwrap());
 }
 
 at::Tensor offload_cuda(const at::Tensor& x) {
