@@ -46,15 +46,33 @@ def test_reload_then_wait_gives_the_values_back_on_the_compute_stream():
     assert torch.equal(back * 1, x)  # consumed on the compute stream, ordered only by wait
 
 
-def test_reload_does_not_make_the_compute_stream_wait():
-    x = torch.randn(1024, device="cuda")
-    host = ops.offload(x)
+def test_reload_and_offload_return_without_waiting_for_the_compute_stream():
+    x = torch.randn(1024 * 1024, device="cuda")
+    ops.wait(ops.reload(ops.offload(x), x.device))  # warm: the copy stream and a pinned block exist
     torch.cuda.synchronize()
+    torch.cuda._sleep(4 * SLEEP_CYCLES)
+    host = ops.offload(x)
     back = ops.reload(host, x.device)
-    # wait() consumes the pending event; a second wait on the same tensor is a no-op.
+    # Neither call synchronized the host: the compute stream is still in its sleep.
+    assert not torch.cuda.current_stream().query()
     ops.wait(back)
-    ops.wait(back)
+    ops.wait(back)  # the pending event was consumed; a second wait is a no-op
     assert torch.equal(back, x)
+
+
+def test_reload_does_not_overwrite_a_block_that_queued_kernels_still_read():
+    for _ in range(5):
+        host = ops.offload(torch.full((16 * 1024 * 1024,), 3.0, device="cuda"))
+        torch.cuda.synchronize()
+        buf = torch.full((16 * 1024 * 1024,), 1.0, device="cuda")
+        torch.cuda._sleep(SLEEP_CYCLES)
+        doubled = buf * 2  # queued behind the sleep, reads buf
+        del buf  # its block may go to the reload's output, which must wait for `doubled`
+        back = ops.reload(host, torch.device("cuda"))
+        ops.wait(back)
+        torch.cuda.synchronize()
+        assert bool((doubled == 2.0).all()), "the reload overwrote buf's block before a queued kernel read it"
+        assert bool((back == 3.0).all())
 
 
 def _peak_step_memory(model, inputs):
