@@ -77,7 +77,7 @@ pytest-overlays: build overlays
 test: ctest pytest pytest-overlays
 
 # The main job: every strategy's memory and speed on the embedded default model, cut to 4 layers
-# and 3 timed steps so it takes about 4 minutes on 2 cores (the full run: torchgc bench). The
+# and 3 timed steps so it takes under 5 minutes on 2 cores (the full run: torchgc bench). The
 # untimed step that measures the bytes saved for backward is the warm-up.
 demo: build
 	$(PY) -m torchgc bench --layers 4 --steps 3 --warmup 0 --out results
