@@ -330,47 +330,54 @@ void layer_backward_rows(const G* g, const T* x, const A* w, const A* mean, cons
   });
 }
 
+// Calls fn(T{}, U{}, A{}, rows, n): x's type, `other`'s type (the output, or the incoming
+// gradient), the math type, and x seen as rows of n.
+template <typename Fn>
+void dispatch_rows(const at::Tensor& x, const at::Tensor& other, Fn&& fn) {
+  const int64_t n = x.size(-1);
+  const int64_t rows = x.numel() / n;
+  dispatch_norm_types(x.scalar_type(), other.scalar_type(), [&](auto t, auto u, auto acc) { fn(t, u, acc, rows, n); });
+}
+
+// Calls fn(std::true_type{}) or fn(std::false_type{}): a run-time flag as a template argument.
+template <typename Fn>
+void with_flag(bool flag, Fn&& fn) {
+  flag ? fn(std::true_type{}) : fn(std::false_type{});
+}
+
 }  // namespace
 
 void rms_norm_forward(const at::Tensor& x, const at::Tensor& w, at::Tensor& y, at::Tensor& rstd, double eps,
                       double offset, bool llama) {
-  const int64_t n = x.size(-1);
-  const int64_t rows = x.numel() / n;
-  dispatch_norm_types(x.scalar_type(), y.scalar_type(), [&](auto t, auto o, auto acc) {
+  dispatch_rows(x, y, [&](auto t, auto o, auto acc, int64_t rows, int64_t n) {
     using T = decltype(t);
     using O = decltype(o);
     using A = decltype(acc);
-    auto run = [&](auto llama_tag) {
+    with_flag(llama, [&](auto llama_tag) {
       rms_forward_rows<T, O, A, decltype(llama_tag)::value>(x.const_data_ptr<T>(), w.const_data_ptr<A>(),
                                                            y.mutable_data_ptr<O>(), rstd.mutable_data_ptr<A>(), rows, n,
                                                            static_cast<A>(eps), static_cast<A>(offset));
-    };
-    llama ? run(std::true_type{}) : run(std::false_type{});
+    });
   });
 }
 
 void rms_norm_backward(const at::Tensor& g, const at::Tensor& x, const at::Tensor& w, const at::Tensor& rstd,
                        at::Tensor& dx, at::Tensor& dw, double offset, bool llama) {
-  const int64_t n = x.size(-1);
-  const int64_t rows = x.numel() / n;
-  dispatch_norm_types(x.scalar_type(), g.scalar_type(), [&](auto t, auto gt, auto acc) {
+  dispatch_rows(x, g, [&](auto t, auto gt, auto acc, int64_t rows, int64_t n) {
     using T = decltype(t);
     using G = decltype(gt);
     using A = decltype(acc);
-    auto run = [&](auto llama_tag) {
+    with_flag(llama, [&](auto llama_tag) {
       rms_backward_rows<T, G, A, decltype(llama_tag)::value>(
           g.const_data_ptr<G>(), x.const_data_ptr<T>(), w.const_data_ptr<A>(), rstd.const_data_ptr<A>(),
           dx.mutable_data_ptr<T>(), dw.mutable_data_ptr<A>(), rows, n, static_cast<A>(offset));
-    };
-    llama ? run(std::true_type{}) : run(std::false_type{});
+    });
   });
 }
 
 void layer_norm_forward(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b, at::Tensor& y,
                         at::Tensor& mean, at::Tensor& rstd, double eps) {
-  const int64_t n = x.size(-1);
-  const int64_t rows = x.numel() / n;
-  dispatch_norm_types(x.scalar_type(), y.scalar_type(), [&](auto t, auto o, auto acc) {
+  dispatch_rows(x, y, [&](auto t, auto o, auto acc, int64_t rows, int64_t n) {
     using T = decltype(t);
     using O = decltype(o);
     using A = decltype(acc);
@@ -382,9 +389,7 @@ void layer_norm_forward(const at::Tensor& x, const at::Tensor& w, const at::Tens
 
 void layer_norm_backward(const at::Tensor& g, const at::Tensor& x, const at::Tensor& w, const at::Tensor& mean,
                          const at::Tensor& rstd, at::Tensor& dx, at::Tensor& dw, at::Tensor& db) {
-  const int64_t n = x.size(-1);
-  const int64_t rows = x.numel() / n;
-  dispatch_norm_types(x.scalar_type(), g.scalar_type(), [&](auto t, auto gt, auto acc) {
+  dispatch_rows(x, g, [&](auto t, auto gt, auto acc, int64_t rows, int64_t n) {
     using T = decltype(t);
     using G = decltype(gt);
     using A = decltype(acc);

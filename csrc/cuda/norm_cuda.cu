@@ -325,6 +325,18 @@ void sum_parts(const at::Tensor& part, at::Tensor& out, cudaStream_t stream) {
 // the launch shape (which depends on alignment), so dweight has the same bits for the same values.
 norm::RowPartition cuda_partition(int64_t rows) { return norm::partition_rows(rows, 4, 1024); }
 
+// Where and how a launcher's kernel runs: grid, threads per block and per row, the problem
+// size, the stream, and (backward only) the weight-gradient split with its zeroed buffers.
+struct LaunchShape {
+  dim3 grid;
+  RowLaunch rl;
+  int64_t rows;
+  int64_t n;
+  cudaStream_t stream;
+  norm::RowPartition split{};
+  std::vector<at::Tensor> parts{};
+};
+
 // Launchers, in the NormKernels shape: inputs contiguous, parameters in the math dtype, outputs
 // allocated (norm_cpu.cpp's rms_norm_with and friends prepare them).
 // Picks the types and pack width (x, y and `params`, in the math dtype, must allow whole packs)
@@ -344,8 +356,8 @@ void run_forward(const at::Tensor& x, const at::Tensor& y, std::initializer_list
     dispatch_vec<decltype(t)>(n, ptrs, [&](auto vec) {
       const auto rl = row_launch(n / decltype(vec)::value);
       const int64_t rows_per_block = rl.threads / rl.tpr;
-      const dim3 grid(grid_for((rows + rows_per_block - 1) / rows_per_block));
-      launch(t, o, acc, vec, grid, rl, rows, n, stream);
+      const LaunchShape shape{dim3(grid_for((rows + rows_per_block - 1) / rows_per_block)), rl, rows, n, stream};
+      launch(t, o, acc, vec, shape);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
@@ -353,32 +365,30 @@ void run_forward(const at::Tensor& x, const at::Tensor& y, std::initializer_list
 
 void rms_forward(const at::Tensor& x, const at::Tensor& w, at::Tensor& y, at::Tensor& rstd, double eps, double offset,
                  bool llama) {
-  run_forward(x, y, {&w}, [&](auto t, auto o, auto acc, auto vec, dim3 grid, RowLaunch rl, int64_t rows, int64_t n,
-                              cudaStream_t stream) {
+  run_forward(x, y, {&w}, [&](auto t, auto o, auto acc, auto vec, const LaunchShape& s) {
     using T = decltype(t);
     using O = decltype(o);
     using A = decltype(acc);
-    rms_forward_kernel<T, O, A, decltype(vec)::value><<<grid, rl.threads, 0, stream>>>(
-        x.const_data_ptr<T>(), w.const_data_ptr<A>(), y.mutable_data_ptr<O>(), rstd.mutable_data_ptr<A>(), rows, n,
-        static_cast<A>(eps), static_cast<A>(offset), llama, rl.tpr);
+    rms_forward_kernel<T, O, A, decltype(vec)::value><<<s.grid, s.rl.threads, 0, s.stream>>>(
+        x.const_data_ptr<T>(), w.const_data_ptr<A>(), y.mutable_data_ptr<O>(), rstd.mutable_data_ptr<A>(), s.rows,
+        s.n, static_cast<A>(eps), static_cast<A>(offset), llama, s.rl.tpr);
   });
 }
 
 void layer_forward(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b, at::Tensor& y, at::Tensor& mean,
                    at::Tensor& rstd, double eps) {
-  run_forward(x, y, {&w, &b}, [&](auto t, auto o, auto acc, auto vec, dim3 grid, RowLaunch rl, int64_t rows,
-                                  int64_t n, cudaStream_t stream) {
+  run_forward(x, y, {&w, &b}, [&](auto t, auto o, auto acc, auto vec, const LaunchShape& s) {
     using T = decltype(t);
     using O = decltype(o);
     using A = decltype(acc);
-    layer_forward_kernel<T, O, A, decltype(vec)::value><<<grid, rl.threads, 0, stream>>>(
+    layer_forward_kernel<T, O, A, decltype(vec)::value><<<s.grid, s.rl.threads, 0, s.stream>>>(
         x.const_data_ptr<T>(), w.const_data_ptr<A>(), b.const_data_ptr<A>(), y.mutable_data_ptr<O>(),
-        mean.mutable_data_ptr<A>(), rstd.mutable_data_ptr<A>(), rows, n, static_cast<A>(eps), rl.tpr);
+        mean.mutable_data_ptr<A>(), rstd.mutable_data_ptr<A>(), s.rows, s.n, static_cast<A>(eps), s.rl.tpr);
   });
 }
 
 // Picks the types and pack width, gives `launch` one zeroed [groups, hidden] buffer per output
-// in `reduced` to launch its kernel with, then reduces each buffer into its output.
+// in `reduced` (shape.parts) to launch its kernel with, then reduces each into its output.
 template <typename Launch>
 void run_backward(const at::Tensor& g, const at::Tensor& x, const at::Tensor& w, const at::Tensor& dx,
                   std::initializer_list<at::Tensor*> reduced, Launch&& launch) {
@@ -395,17 +405,18 @@ void run_backward(const at::Tensor& g, const at::Tensor& x, const at::Tensor& w,
                     [&](auto vec) {
                       const auto rl = row_launch(n / decltype(vec)::value);
                       const auto split = cuda_partition(rows);
-                      std::vector<at::Tensor> parts;
-                      for (size_t i = 0; i < reduced.size(); ++i) {
-                        parts.push_back(at::zeros({split.parts, n}, x.options().dtype(c10::CppTypeToScalarType<A>::value)));
-                      }
                       const int64_t groups_per_block = rl.threads / rl.tpr;
-                      const dim3 grid(grid_for((split.parts + groups_per_block - 1) / groups_per_block));
-                      launch(t, gt, acc, vec, grid, rl, split, rows, n, stream, parts);
+                      LaunchShape shape{dim3(grid_for((split.parts + groups_per_block - 1) / groups_per_block)), rl,
+                                        rows, n, stream, split};
+                      for (size_t i = 0; i < reduced.size(); ++i) {
+                        shape.parts.push_back(
+                            at::zeros({split.parts, n}, x.options().dtype(c10::CppTypeToScalarType<A>::value)));
+                      }
+                      launch(t, gt, acc, vec, shape);
                       C10_CUDA_KERNEL_LAUNCH_CHECK();
                       size_t i = 0;
                       for (at::Tensor* out : reduced) {
-                        sum_parts<A>(parts[i++], *out, stream);
+                        sum_parts<A>(shape.parts[i++], *out, stream);
                       }
                     });
   });
@@ -413,31 +424,27 @@ void run_backward(const at::Tensor& g, const at::Tensor& x, const at::Tensor& w,
 
 void rms_backward(const at::Tensor& g, const at::Tensor& x, const at::Tensor& w, const at::Tensor& rstd,
                   at::Tensor& dx, at::Tensor& dw, double offset, bool llama) {
-  run_backward(g, x, w, dx, {&dw}, [&](auto t, auto gt, auto acc, auto vec, dim3 grid, RowLaunch rl,
-                                        norm::RowPartition split, int64_t rows, int64_t n, cudaStream_t stream,
-                                        std::vector<at::Tensor>& parts) {
+  run_backward(g, x, w, dx, {&dw}, [&](auto t, auto gt, auto acc, auto vec, const LaunchShape& s) {
     using T = decltype(t);
     using G = decltype(gt);
     using A = decltype(acc);
-    rms_backward_kernel<T, G, A, decltype(vec)::value><<<grid, rl.threads, 0, stream>>>(
+    rms_backward_kernel<T, G, A, decltype(vec)::value><<<s.grid, s.rl.threads, 0, s.stream>>>(
         g.const_data_ptr<G>(), x.const_data_ptr<T>(), w.const_data_ptr<A>(), rstd.const_data_ptr<A>(),
-        dx.mutable_data_ptr<T>(), parts[0].mutable_data_ptr<A>(), rows, n, static_cast<A>(offset), llama, rl.tpr,
-        split.parts, split.rows_per_part);
+        dx.mutable_data_ptr<T>(), s.parts[0].mutable_data_ptr<A>(), s.rows, s.n, static_cast<A>(offset), llama,
+        s.rl.tpr, s.split.parts, s.split.rows_per_part);
   });
 }
 
 void layer_backward(const at::Tensor& g, const at::Tensor& x, const at::Tensor& w, const at::Tensor& mean,
                     const at::Tensor& rstd, at::Tensor& dx, at::Tensor& dw, at::Tensor& db) {
-  run_backward(g, x, w, dx, {&dw, &db}, [&](auto t, auto gt, auto acc, auto vec, dim3 grid, RowLaunch rl,
-                                             norm::RowPartition split, int64_t rows, int64_t n, cudaStream_t stream,
-                                             std::vector<at::Tensor>& parts) {
+  run_backward(g, x, w, dx, {&dw, &db}, [&](auto t, auto gt, auto acc, auto vec, const LaunchShape& s) {
     using T = decltype(t);
     using G = decltype(gt);
     using A = decltype(acc);
-    layer_backward_kernel<T, G, A, decltype(vec)::value><<<grid, rl.threads, 0, stream>>>(
+    layer_backward_kernel<T, G, A, decltype(vec)::value><<<s.grid, s.rl.threads, 0, s.stream>>>(
         g.const_data_ptr<G>(), x.const_data_ptr<T>(), w.const_data_ptr<A>(), mean.const_data_ptr<A>(),
-        rstd.const_data_ptr<A>(), dx.mutable_data_ptr<T>(), parts[0].mutable_data_ptr<A>(),
-        parts[1].mutable_data_ptr<A>(), rows, n, rl.tpr, split.parts, split.rows_per_part);
+        rstd.const_data_ptr<A>(), dx.mutable_data_ptr<T>(), s.parts[0].mutable_data_ptr<A>(),
+        s.parts[1].mutable_data_ptr<A>(), s.rows, s.n, s.rl.tpr, s.split.parts, s.split.rows_per_part);
   });
 }
 
