@@ -46,24 +46,9 @@ def checkpoint(
     if not torch.is_grad_enabled() or (only_trainable and module is not None and not _has_trainable_parameters(module)):
         return function(*args, **kwargs)
 
-    if use_reentrant and not _any_tensor_requires_grad(args) and module is not None:
-        # Reentrant checkpoint drops every parameter gradient when no input requires grad (frozen
-        # embeddings under LoRA); the non-reentrant form computes them correctly.
-        warnings.warn(
-            "torchgc.checkpoint: no input requires grad, so reentrant checkpointing would lose the "
-            "layer's parameter gradients; using the non-reentrant form for this layer",
-            stacklevel=2,
-        )
-        use_reentrant = False
-    if use_reentrant and _active_ddp_finds_unused_parameters():
-        # DDP's reducer marks a parameter ready from each autograd hook; the reentrant backward
-        # fires them a second time under find_unused_parameters ("Expected to mark a variable
-        # ready only once"). The non-reentrant form gives the same gradients in one pass.
-        warnings.warn(
-            "torchgc.checkpoint: DistributedDataParallel with find_unused_parameters=True cannot run "
-            "reentrant checkpointing; using the non-reentrant form (same gradients)",
-            stacklevel=2,
-        )
+    reason = _reentrant_would_fail(args, module) if use_reentrant else None
+    if reason:
+        warnings.warn(f"torchgc.checkpoint: {reason}; using the non-reentrant form for this layer", stacklevel=2)
         use_reentrant = False
 
     lifted = []
@@ -117,9 +102,19 @@ def _has_trainable_parameters(module: torch.nn.Module) -> bool:
     return any(p.requires_grad for p in module.parameters())
 
 
-def _active_ddp_finds_unused_parameters() -> bool:
+def _reentrant_would_fail(args, module: Optional[torch.nn.Module]) -> Optional[str]:
+    """Why reentrant checkpointing would go wrong for this call, if it would; the non-reentrant
+    form gives the correct gradients in both cases."""
+    if module is not None and not _any_tensor_requires_grad(args):
+        # Reentrant checkpoint drops every parameter gradient when no input requires grad (frozen
+        # embeddings under LoRA).
+        return "no input requires grad, so reentrant checkpointing would lose the layer's parameter gradients"
     ddp = torch.nn.parallel.DistributedDataParallel._get_active_ddp_module()
-    return ddp is not None and ddp.find_unused_parameters and not ddp.static_graph
+    if ddp is not None and ddp.find_unused_parameters and not ddp.static_graph:
+        # DDP's reducer marks a parameter ready from each autograd hook; the reentrant backward
+        # fires them a second time ("Expected to mark a variable ready only once").
+        return "DistributedDataParallel with find_unused_parameters=True cannot run reentrant checkpointing"
+    return None
 
 
 def _parameter_pointers(module: Optional[torch.nn.Module]) -> set:
