@@ -2,7 +2,6 @@
 torchgc.checkpoint, and one-step training runs that return every parameter's gradient."""
 
 import functools
-import importlib
 import os
 
 import pytest
@@ -10,10 +9,9 @@ import torch
 import transformers
 
 import torchgc
-
-# The package exports functions named like these modules, which hide them as attributes.
-CHECKPOINT_MODULE = importlib.import_module("torchgc.checkpoint")
-PATCH_MODULE = importlib.import_module("torchgc.patch")
+import torchgc.integrations.transformers as HF_INTEGRATION
+import torchgc.patching as PATCH_MODULE
+import torchgc.strategies as CHECKPOINT_MODULE
 TRANSFORMERS_MAJOR = int(transformers.__version__.split(".")[0])
 
 
@@ -29,7 +27,7 @@ def clean_patch(monkeypatch):
 
 
 def counting_checkpoint(calls: list):
-    """torchgc.checkpoint.checkpoint, appending each call's keyword arguments to ``calls``."""
+    """torchgc.strategies.checkpoint, appending each call's keyword arguments to ``calls``."""
     real = CHECKPOINT_MODULE.checkpoint
 
     @functools.wraps(real)
@@ -42,7 +40,7 @@ def counting_checkpoint(calls: list):
 
 @pytest.fixture
 def checkpoint_calls(monkeypatch):
-    """Counts calls of torchgc.checkpoint.checkpoint made by models enabled during the test."""
+    """Counts calls of torchgc.strategies.checkpoint made by models enabled during the test."""
     calls = []
     monkeypatch.setattr(CHECKPOINT_MODULE, "checkpoint", counting_checkpoint(calls))
     return calls

@@ -9,7 +9,9 @@ import pytest
 import torch
 
 import torchgc
-from torchgc import _library
+from torchgc import _library, ops
+
+ops.load_library()  # the dispatcher checks below need the schemas
 
 # Ops that take a device tensor and so need a kernel per backend.
 DEVICE_OPS = ["offload", "wait"]
@@ -78,10 +80,100 @@ def test_mismatched_torch_version_names_cause_and_fix():
 def test_missing_library_names_cause_and_fix(monkeypatch, tmp_path):
     monkeypatch.setattr(_library, "_PACKAGE_DIR", tmp_path)
     with pytest.raises(ImportError, match=r"op library .* is missing .*Build it with: pip install"):
-        _library._load()
+        _library.load()
 
 
 def test_import_in_fresh_process_loads_library_once():
-    code = "import torchgc, torchgc.ops, torch; import torchgc._library as l; l._load(); print(torch.ops.torchgc.offload)"
+    code = "import torchgc, torchgc.ops, torch; import torchgc._library as l; l.load(); print(torch.ops.torchgc.offload)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert "torchgc.offload" in out.stdout
+
+
+def _run_python(code: str) -> subprocess.CompletedProcess:
+    tests_dir = os.path.dirname(os.path.abspath(__file__))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TORCHGC_")}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [tests_dir, env.get("PYTHONPATH")]))
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+
+
+def test_import_torchgc_does_not_load_the_op_library():
+    code = (
+        "import torch, torchgc\n"
+        "loaded = [n for n in torch._C._dispatch_get_all_op_names() if n.startswith('torchgc::')]\n"
+        "assert not loaded, loaded\n"
+        "torchgc.ops.offload(torch.ones(3))\n"  # the first op call loads it
+        "assert 'torchgc::offload' in torch._C._dispatch_get_all_op_names()\n"
+    )
+    done = _run_python(code)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+# A library that cannot load: missing, or built for another torch (as after a torch upgrade,
+# simulated by changing the version the running torch reports).
+BROKEN_LIBRARY = {
+    "missing": ("import torchgc._library, pathlib; torchgc._library._PACKAGE_DIR = pathlib.Path('/nonexistent')",
+                r"the op library \(torchgc/_C\*\.so\) is missing .*Build it with: pip install --no-build-isolation"),
+    "other-torch": ("import torch; torch.__version__ = '9.9.9'",
+                    r"built against torch \S+ but torch 9\.9\.9 is installed.*Rebuild with: pip install --no-build-isolation"),
+}
+
+# Everything that needs no C++ keeps working; every first use of an op raises the clear error,
+# the offload strategy fails at enable before the model changes, and a compiled first use names it too.
+BROKEN_LIBRARY_SCRIPT = """
+import re, warnings
+import torch, torchgc
+from tiny_models import batch, build
+
+def raises_clear_error(call, expected):
+    try:
+        call()
+    except Exception as exc:
+        assert re.search(expected, str(exc), re.S), str(exc)
+        return type(exc).__name__
+    raise AssertionError("no error")
+
+torchgc.patch()
+reference = build("llama", layers=2)
+reference(**batch()).loss.backward()
+for strategy in ("checkpoint", "auto"):  # auto checkpoints CPU tensors: no op needed
+    model = build("llama", layers=2)
+    model.gradient_checkpointing_enable({{"strategy": strategy}})
+    model(**batch()).loss.backward()
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        assert torch.equal(p.grad, q.grad), name
+
+expected = {expected!r}
+model = build("llama", layers=2)
+kinds = [
+    raises_clear_error(lambda: model.gradient_checkpointing_enable({{"strategy": "offload"}}), expected),
+    raises_clear_error(lambda: torchgc.ops.rms_norm(torch.ones(2, 8), torch.ones(8), 1e-6), expected),
+    raises_clear_error(lambda: torchgc.ops.offload(torch.ones(2)), expected),
+    raises_clear_error(lambda: torchgc.BUILD_INFO, expected),
+    raises_clear_error(lambda: torchgc.patch(fused_norm=True), expected),
+]
+assert kinds[:4] == ["ImportError"] * 4, kinds
+assert not model.is_gradient_checkpointing
+assert torchgc.patching.current_options().fused_norm is False  # the failed patch() changed nothing
+compiled = torch.compile(lambda x: torchgc.ops.offload(x), backend="aot_eager", fullgraph=True)
+raises_clear_error(lambda: compiled(torch.ones(2)), expected)
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("case", sorted(BROKEN_LIBRARY))
+def test_a_broken_op_library_fails_only_where_an_op_is_needed(case):
+    setup, expected = BROKEN_LIBRARY[case]
+    done = _run_python(setup + "\n" + BROKEN_LIBRARY_SCRIPT.format(expected=expected))
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-4000:]
+
+
+def test_an_op_first_used_inside_a_compiled_region_loads_the_library_without_a_graph_break():
+    code = (
+        "import torch, torchgc\n"
+        "x, w = torch.randn(4, 16), torch.rand(16) + 0.5\n"
+        "f = torch.compile(lambda x, w: torchgc.ops.rms_norm(x, w, 1e-6), backend='aot_eager', fullgraph=True)\n"
+        "y = f(x, w)\n"
+        "assert torch.equal(y, torchgc.ops.rms_norm(x, w, 1e-6))\n"
+    )
+    done = _run_python(code)
+    assert done.returncode == 0, done.stderr[-3000:]

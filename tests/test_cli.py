@@ -90,7 +90,7 @@ def test_launcher_runs_an_unmodified_script_through_torchgc(script, tmp_path):
     report = json.loads(report_path.read_text())
     assert report["name"] == "__main__"
     assert report["argv"] == [str(script), str(report_path), str(tmp_path / "out")]
-    assert report["function"] == "torchgc.checkpoint.checkpoint"
+    assert report["function"] == "torchgc.strategies.checkpoint"
     assert report["keywords"]["strategy"] == "offload" and report["keywords"]["prefetch"] is False
     assert report["calls"] == 2, "each of the two layers should checkpoint through torchgc once"
 
@@ -145,4 +145,4 @@ def test_run_module_mode(tmp_path, monkeypatch):
         import torchgc
 
         torchgc.unpatch()
-    assert out.read_text() == "torchgc.patch __main__"
+    assert out.read_text() == "torchgc.patching __main__"

@@ -14,6 +14,8 @@ from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from torchgc import ops
 
+ops.load_library()  # these tests call torch.ops.torchgc directly
+
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 MANTISSA = {torch.bfloat16: 8, torch.float16: 11, torch.float32: 24, torch.float64: 53}
 EPS = 1e-6

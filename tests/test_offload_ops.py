@@ -7,6 +7,8 @@ import torch
 
 import torchgc
 from torchgc import ops
+
+ops.load_library()  # these tests call torch.ops.torchgc directly
 from tiny_models import batch, build
 
 

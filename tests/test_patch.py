@@ -1,6 +1,5 @@
 """torchgc.patch(): what the patched gradient_checkpointing_enable sets, undoes and refuses."""
 
-import importlib.util
 import inspect
 import subprocess
 import sys
@@ -13,6 +12,7 @@ import transformers
 from transformers import PreTrainedModel
 
 import torchgc
+from patch_helpers import HF_INTEGRATION as hf_integration
 from patch_helpers import PATCH_MODULE as tgc_patch
 from patch_helpers import TRANSFORMERS_MAJOR, checkpoint_calls, clean_patch, is_torchgc_function  # noqa: F401 (fixtures)
 from tiny_models import TINY_CONFIGS, batch, build
@@ -129,12 +129,12 @@ def test_kwargs_by_position_or_keyword_and_none_or_empty_mean_the_defaults():
         fresh.gradient_checkpointing_enable(empty)
         keywords = layer_func(fresh).keywords
         assert keywords["strategy"] == "auto"
-        assert keywords["use_reentrant"] is tgc_patch.default_use_reentrant()
+        assert keywords["use_reentrant"] is hf_integration.default_use_reentrant()
         assert keywords["only_trainable"] is True and keywords["prefetch"] is True
 
 
 def test_default_use_reentrant_follows_the_installed_transformers():
-    assert tgc_patch.default_use_reentrant() is (TRANSFORMERS_MAJOR < 5)
+    assert hf_integration.default_use_reentrant() is (TRANSFORMERS_MAJOR < 5)
 
 
 def test_precedence_kwargs_then_patch_arguments_then_environment(monkeypatch):
@@ -459,7 +459,7 @@ def _sharded_llama(mesh):
 
 
 def test_fsdp2_modules_force_non_reentrant_and_train_correctly(gloo_group):
-    from torchgc.integrations import fsdp
+    from torchgc.integrations import distributed as fsdp
 
     reference = build("llama", layers=2)
     assert not fsdp.uses_fsdp2(reference)
@@ -570,19 +570,16 @@ def test_prepare_model_for_training_runs_its_steps_in_llamafactory_order(recorde
 def test_norm_options_without_torchgc_norm_fail_before_changing_anything(monkeypatch):
     monkeypatch.setitem(sys.modules, "torchgc.norm", None)  # makes the import fail
     monkeypatch.delattr(torchgc, "norm", raising=False)
-    with pytest.raises(ImportError, match=r"torchgc.patch\(\): the options upcast_layernorm, fused_norm, upcast_lmhead_output need torchgc.norm"):
+    with pytest.raises(ImportError, match=r"torchgc.patch\(\): the options upcast_layernorm, fused_norm, upcast_lmhead_output need torchgc's norm ops"):
         torchgc.patch(upcast_layernorm=True)
     assert not tgc_patch.is_patched()
     torchgc.patch()
     model = build("llama", layers=2)
-    with pytest.raises(ImportError, match="need torchgc.norm"):
+    with pytest.raises(ImportError, match="need torchgc's norm ops"):
         model.gradient_checkpointing_enable({"fused_norm": True})
     assert not model.is_gradient_checkpointing
 
 
-@pytest.mark.skipif(
-    importlib.util.find_spec("torchgc.norm") is None, reason="torchgc/norm.py is not in this tree yet (norm work not merged)"
-)
 def test_norm_options_with_the_real_torchgc_norm():
     torchgc.patch(upcast_layernorm=True, fused_norm=True, upcast_lmhead_output=True)
     model = build("llama", layers=2, dtype=torch.bfloat16)

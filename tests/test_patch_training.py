@@ -9,7 +9,7 @@ import torch
 
 import torchgc
 from patch_helpers import (  # noqa: F401 (fixtures)
-    PATCH_MODULE,
+    HF_INTEGRATION,
     assert_same_grads,
     checkpoint_calls,
     clean_patch,
@@ -45,7 +45,7 @@ def lost_gradient_warnings(caught):
 
 
 def expected_reentrant(use_reentrant):
-    return PATCH_MODULE.default_use_reentrant() if use_reentrant is None else use_reentrant
+    return HF_INTEGRATION.default_use_reentrant() if use_reentrant is None else use_reentrant
 
 
 @pytest.mark.parametrize("use_reentrant", [None, True, False], ids=["default", "reentrant", "non_reentrant"])
@@ -111,7 +111,7 @@ def test_prepare_model_for_kbit_training_enables_through_torchgc_and_a_second_en
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         result = trainer_step(model, tmp_path / "gc", gradient_checkpointing=True)  # enables again
-    torchgc_hooks = [h for h in embeddings._forward_hooks.values() if h is PATCH_MODULE._make_output_require_grad]
+    torchgc_hooks = [h for h in embeddings._forward_hooks.values() if h is HF_INTEGRATION._make_output_require_grad]
     assert len(torchgc_hooks) == 1
     assert not lost_gradient_warnings(caught)
     assert_same_grads(expected, result)
@@ -164,6 +164,6 @@ def test_trainer_with_norm_options_matches_the_same_norms_without_checkpointing(
     torchgc.patch(upcast_layernorm=True)
     model = build("llama", layers=LAYERS)
     result = trainer_step(model, tmp_path / "gc", gradient_checkpointing=True)
-    assert PATCH_MODULE._state(model).norm_handles["upcast_layernorm"].fused, "no norm was routed through torchgc.norm"
+    assert HF_INTEGRATION._state(model).norm_handles["upcast_layernorm"].fused, "no norm was routed through torchgc.norm"
     assert_same_grads(expected, result)
     assert len(checkpoint_calls) == LAYERS * MICRO_BATCHES

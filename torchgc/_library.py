@@ -1,4 +1,5 @@
-"""Finds and loads torchgc's op library, once, and checks it matches the running torch."""
+"""Finds and loads torchgc's op library and checks it matches the running torch (torchgc.ops calls
+load() once, on the first use of an op)."""
 
 import importlib.machinery
 from pathlib import Path
@@ -37,7 +38,9 @@ def check_torch_version(info: BuildInfo, running: str) -> None:
         )
 
 
-def _load() -> BuildInfo:
+def load() -> BuildInfo:
+    """Loads the op library and returns what it was built against; raises ImportError naming the
+    cause and the rebuild command."""
     path = _library_path()
     try:
         torch.ops.load_library(str(path))
@@ -48,6 +51,3 @@ def _load() -> BuildInfo:
     info = BuildInfo(version, backends == "cuda", archs, parallel)
     check_torch_version(info, torch.__version__)
     return info
-
-
-BUILD_INFO = _load()

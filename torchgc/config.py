@@ -10,7 +10,10 @@ import dataclasses
 import os
 from typing import Any, Callable, Mapping, Optional
 
-from torchgc.checkpoint import STRATEGIES
+STRATEGIES = ("auto", "checkpoint", "offload")
+# Offloading a smaller input costs more in copy latency than it saves: Unsloth measured no gain
+# below about 512 tokens, which is 2 MiB of bf16 activations at hidden size 2048.
+DEFAULT_MIN_OFFLOAD_BYTES = 2 * 1024 * 1024
 
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")

@@ -1,10 +1,46 @@
-"""Python bindings of torchgc's C++ ops: typed wrappers, fake kernels and autograd registration."""
+"""Python bindings of torchgc's C++ ops: typed wrappers, fake kernels and autograd registration.
 
+The op library loads on the first call that needs it (or on load_library()), not at import, so
+`import torchgc`, `torchgc.patch()` and the checkpoint strategy keep working when the library is
+missing or was built for another torch; that first call raises the ImportError saying which, and
+how to rebuild.
+"""
+
+import threading
 from typing import NamedTuple
 
 import torch
 
-import torchgc._library  # noqa: F401  (loads the op library)
+from torchgc import _library
+
+_lock = threading.Lock()
+_build_info = None  # what the loaded library was built against, once loaded
+
+
+# Under torch.compile this runs at trace time, so an op's first call inside a compiled region
+# loads the library instead of breaking the graph.
+@torch.compiler.assume_constant_result
+def _load_once() -> bool:
+    global _build_info
+    with _lock:
+        if _build_info is None:
+            info = _library.load()
+            _register_python_kernels()
+            _build_info = info
+    return True
+
+
+def load_library() -> _library.BuildInfo:
+    """Loads torchgc's op library (once) and returns what it was built against. Raises ImportError
+    naming the cause and the rebuild command when it is missing or was built for another torch."""
+    if _build_info is None:
+        _load_once()
+    return _build_info
+
+
+def _op(name: str):
+    load_library()
+    return getattr(torch.ops.torchgc, name).default
 
 
 class HostPoolStats(NamedTuple):
@@ -16,44 +52,41 @@ class HostPoolStats(NamedTuple):
 
 def offload(x: torch.Tensor) -> torch.Tensor:
     """Copies x to host memory: pinned and asynchronous on CUDA. Returns the host tensor."""
-    return torch.ops.torchgc.offload.default(x)
+    return _op("offload")(x)
 
 
 def reload(host: torch.Tensor, device: torch.device) -> torch.Tensor:
     """Starts copying an offloaded host tensor back to `device` and returns at once. Call wait()
     on the result before its first use."""
-    return torch.ops.torchgc.reload.default(host, torch.device(device))
+    return _op("reload")(host, torch.device(device))
 
 
 def wait(x: torch.Tensor) -> None:
     """Makes the current stream wait for the pending reload into x (a no-op when none is)."""
-    torch.ops.torchgc.wait.default(x)
+    _op("wait")(x)
 
 
 def host_pool_stats() -> HostPoolStats:
-    return HostPoolStats(*torch.ops.torchgc.host_pool_stats.default())
+    return HostPoolStats(*_op("host_pool_stats")())
 
 
 def set_host_pool_limit(nbytes: int) -> None:
     """Caps the pageable host bytes the pool keeps cached (0: no cap)."""
-    torch.ops.torchgc.set_host_pool_limit.default(int(nbytes))
+    _op("set_host_pool_limit")(int(nbytes))
 
 
 def empty_host_pool() -> None:
-    torch.ops.torchgc.empty_host_pool.default()
+    _op("empty_host_pool")()
 
 
-@torch.library.register_fake("torchgc::offload")
 def _offload_fake(x):
     return torch.empty(x.shape, dtype=x.dtype, device="cpu")
 
 
-@torch.library.register_fake("torchgc::reload")
 def _reload_fake(host, device):
     return torch.empty(host.shape, dtype=host.dtype, device=device)
 
 
-@torch.library.register_fake("torchgc::wait")
 def _wait_fake(x):
     return None
 
@@ -75,7 +108,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 
     Differentiable with respect to x and weight."""
     if casting not in _RMS_CASTINGS:
         raise ValueError(f"torchgc.ops.rms_norm: expected casting to be one of {_RMS_CASTINGS}, got {casting!r}")
-    y, _ = torch.ops.torchgc.rms_norm.default(x, weight, float(eps), float(offset), casting == "llama", bool(fp32_output))
+    y, _ = _op("rms_norm")(x, weight, float(eps), float(offset), casting == "llama", bool(fp32_output))
     return y
 
 
@@ -83,7 +116,7 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: "torch.Tensor | None
                fp32_output: bool = False) -> torch.Tensor:
     """LayerNorm over the last dimension with fp32 math; bias may be None. Differentiable with
     respect to x, weight and bias."""
-    y, _, _ = torch.ops.torchgc.layer_norm.default(x, weight, bias, float(eps), bool(fp32_output))
+    y, _, _ = _op("layer_norm")(x, weight, bias, float(eps), bool(fp32_output))
     return y
 
 
@@ -129,27 +162,23 @@ def _check_norm_backward(op, grad_y, x, weight, **stats):
                             f"got {list(t.shape)} and {t.dtype} on {t.device}")
 
 
-@torch.library.register_fake("torchgc::rms_norm")
 def _rms_norm_fake(x, weight, eps, offset, llama_cast, fp32_output):
     math = _check_norm_forward("rms_norm", x, weight, None, eps)
     y = x.new_empty(x.shape, dtype=torch.float32 if fp32_output else x.dtype)
     return y, x.new_empty(x.shape[:-1], dtype=math)
 
 
-@torch.library.register_fake("torchgc::rms_norm_backward")
 def _rms_norm_backward_fake(grad_y, x, weight, rstd, offset, llama_cast):
     _check_norm_backward("rms_norm_backward", grad_y, x, weight, rstd=rstd)
     return x.new_empty(x.shape), weight.new_empty(weight.shape)
 
 
-@torch.library.register_fake("torchgc::layer_norm")
 def _layer_norm_fake(x, weight, bias, eps, fp32_output):
     math = _check_norm_forward("layer_norm", x, weight, bias, eps)
     y = x.new_empty(x.shape, dtype=torch.float32 if fp32_output else x.dtype)
     return y, x.new_empty(x.shape[:-1], dtype=math), x.new_empty(x.shape[:-1], dtype=math)
 
 
-@torch.library.register_fake("torchgc::layer_norm_backward")
 def _layer_norm_backward_fake(grad_y, x, weight, mean, rstd):
     _check_norm_backward("layer_norm_backward", grad_y, x, weight, mean=mean, rstd=rstd)
     return x.new_empty(x.shape), weight.new_empty(weight.shape), weight.new_empty(weight.shape)
@@ -184,5 +213,14 @@ def _layer_norm_backward(ctx, grad_y, _grad_mean, _grad_rstd):
     return dx, dweight, dbias if ctx.has_bias else None, None, None
 
 
-torch.library.register_autograd("torchgc::rms_norm", _rms_norm_backward, setup_context=_rms_norm_setup)
-torch.library.register_autograd("torchgc::layer_norm", _layer_norm_backward, setup_context=_layer_norm_setup)
+def _register_python_kernels() -> None:
+    """Fake (meta) kernels and autograd formulas; the schemas must be loaded first."""
+    torch.library.register_fake("torchgc::offload")(_offload_fake)
+    torch.library.register_fake("torchgc::reload")(_reload_fake)
+    torch.library.register_fake("torchgc::wait")(_wait_fake)
+    torch.library.register_fake("torchgc::rms_norm")(_rms_norm_fake)
+    torch.library.register_fake("torchgc::rms_norm_backward")(_rms_norm_backward_fake)
+    torch.library.register_fake("torchgc::layer_norm")(_layer_norm_fake)
+    torch.library.register_fake("torchgc::layer_norm_backward")(_layer_norm_backward_fake)
+    torch.library.register_autograd("torchgc::rms_norm", _rms_norm_backward, setup_context=_rms_norm_setup)
+    torch.library.register_autograd("torchgc::layer_norm", _layer_norm_backward, setup_context=_layer_norm_setup)

@@ -1,4 +1,6 @@
-"""Integrations with other training stacks (transformers, accelerate's FSDP2, LLaMA-Factory).
+"""Integrations with other training stacks: transformers (what enabling does to one model),
+torch.distributed (FSDP2, DDP) and LLaMA-Factory.
 
-Only torchgc.patch and this package know those projects' internals.
+Only this package knows those projects' internals; torchgc.patching and the front door call its
+public functions.
 """

@@ -1,13 +1,14 @@
 """torchgc's version of LLaMA-Factory's ``prepare_model_for_training`` for one model."""
 
 import dataclasses
+import types
 import warnings
 from typing import Optional
 
 import torch
 
 from torchgc import config
-from torchgc.patch import install_on_model, norm_functions
+from torchgc.integrations import transformers as hf
 
 
 def prepare_model_for_training(
@@ -43,7 +44,7 @@ def prepare_model_for_training(
     config.check(function, "use_reentrant", use_reentrant)
     options = dataclasses.replace(config.resolve(function, {"strategy": strategy}), use_reentrant=use_reentrant)
 
-    norm = norm_functions(function) if upcast_layernorm or upcast_lmhead_output else {}
+    norm = hf.norm_transforms(function) if upcast_layernorm or upcast_lmhead_output else {}
 
     handles = {}
     if upcast_layernorm:
@@ -53,7 +54,7 @@ def prepare_model_for_training(
         if not getattr(model, "supports_gradient_checkpointing", False):
             warnings.warn(f"{function}: {type(model).__name__} does not support gradient checkpointing; left off")
         else:
-            install_on_model(model, options)
+            _install_on_model(model, options)
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": options.use_reentrant})
 
     if upcast_lmhead_output:
@@ -61,3 +62,19 @@ def prepare_model_for_training(
     if handles:
         model.__dict__.setdefault("_torchgc_handles", {}).update(handles)
     return model
+
+
+def _install_on_model(model, options: config.Options) -> None:
+    """Gives one model torchgc's enable/disable as instance methods bound to ``options``, leaving
+    transformers' classes untouched (what LLaMA-Factory does with MethodType)."""
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None, **kwargs):
+        """torchgc's gradient_checkpointing_enable for this model, with prepare_model_for_training's
+        options as the base that gradient_checkpointing_kwargs refine."""
+        hf.enable(self, gradient_checkpointing_kwargs, options=options, **kwargs)
+
+    def gradient_checkpointing_disable(self):
+        hf.disable(self)
+
+    model.gradient_checkpointing_enable = types.MethodType(gradient_checkpointing_enable, model)
+    model.gradient_checkpointing_disable = types.MethodType(gradient_checkpointing_disable, model)

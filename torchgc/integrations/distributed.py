@@ -1,11 +1,15 @@
-"""Detection of FSDP2 (fully_shard), under which checkpointing must be non-reentrant.
+"""torch.distributed wrappers that reentrant checkpointing breaks: FSDP2 and DDP.
 
-Reentrant checkpointing runs the recompute outside autograd's view of FSDP2's pre/post-backward
-hooks, which breaks their resharding (mixed Tensor/DTensor errors, abnormal memory).
+- FSDP2 (fully_shard): the reentrant recompute runs outside autograd's view of FSDP2's
+  pre/post-backward hooks, which breaks their resharding (mixed Tensor/DTensor errors, abnormal
+  memory). Detected per model, when checkpointing is enabled.
+- DDP with find_unused_parameters=True: its reducer marks a parameter ready from each autograd
+  hook, and the reentrant backward fires them a second time ("Expected to mark a variable ready
+  only once"). Detected per call, since DDP wraps the model after checkpointing is enabled.
 """
 
 import os
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 
@@ -47,3 +51,14 @@ def uses_fsdp2(model: torch.nn.Module) -> bool:
     if not classes or not torch.distributed.is_available():
         return False
     return any(isinstance(_unwrap(m), classes) for m in _unwrap(model).modules())
+
+
+def ddp_reentrant_conflict(module: Optional[torch.nn.Module] = None) -> Optional[str]:
+    """Why reentrant checkpointing would fail inside the DistributedDataParallel forward running
+    now, if it would (for torchgc.strategies.add_reentrant_check)."""
+    if not torch.distributed.is_available():
+        return None
+    ddp = torch.nn.parallel.DistributedDataParallel._get_active_ddp_module()
+    if ddp is not None and ddp.find_unused_parameters and not ddp.static_graph:
+        return "DistributedDataParallel with find_unused_parameters=True cannot run reentrant checkpointing"
+    return None

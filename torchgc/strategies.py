@@ -1,4 +1,4 @@
-"""torchgc's checkpoint entry point: plain recompute or offload, reentrant or not.
+"""torchgc's checkpoint strategies: plain recompute or offload, reentrant or not.
 
 Every strategy is torch's own checkpoint underneath, so RNG replay, autocast and tuple outputs
 behave exactly as in torch; offloading adds saved-tensor hooks around the call (torchgc.offload).
@@ -7,18 +7,27 @@ behave exactly as in torch; offloading adds saved-tensor hooks around the call (
 import contextlib
 import functools
 import warnings
-from typing import Any, Callable, Optional
+from typing import Any, Callable, List, Optional
 
 import torch
 import torch.utils.checkpoint
 from torch.utils import _pytree as pytree
 
+from torchgc.config import DEFAULT_MIN_OFFLOAD_BYTES, STRATEGIES
 from torchgc.offload import OffloadPolicy, offload_hooks
 
-STRATEGIES = ("auto", "checkpoint", "offload")
-# Offloading a smaller input costs more in copy latency than it saves: Unsloth measured no gain
-# below about 512 tokens, which is 2 MiB of bf16 activations at hidden size 2048.
-DEFAULT_MIN_OFFLOAD_BYTES = 2 * 1024 * 1024
+# Checks consulted before every reentrant call: check(module) returns why reentrant checkpointing
+# would go wrong for a layer of `module` (None: it would not). Integrations that know a training
+# stack's rules register theirs with add_reentrant_check, so this layer needs no knowledge of them.
+_reentrant_checks: List[Callable[[Optional[torch.nn.Module]], Optional[str]]] = []
+
+
+def add_reentrant_check(check: Callable[[Optional[torch.nn.Module]], Optional[str]]) -> None:
+    """Registers ``check(module) -> reason or None``; a reason makes torchgc.checkpoint use the
+    non-reentrant form for that call, with a warning naming the reason. Registering the same
+    check twice has no effect."""
+    if check not in _reentrant_checks:
+        _reentrant_checks.append(check)
 
 
 def checkpoint(
@@ -109,11 +118,10 @@ def _reentrant_would_fail(args, module: Optional[torch.nn.Module]) -> Optional[s
         # Reentrant checkpoint drops every parameter gradient when no input requires grad (frozen
         # embeddings under LoRA).
         return "no input requires grad, so reentrant checkpointing would lose the layer's parameter gradients"
-    ddp = torch.nn.parallel.DistributedDataParallel._get_active_ddp_module()
-    if ddp is not None and ddp.find_unused_parameters and not ddp.static_graph:
-        # DDP's reducer marks a parameter ready from each autograd hook; the reentrant backward
-        # fires them a second time ("Expected to mark a variable ready only once").
-        return "DistributedDataParallel with find_unused_parameters=True cannot run reentrant checkpointing"
+    for check in _reentrant_checks:
+        reason = check(module)
+        if reason:
+            return reason
     return None
 
 

@@ -1,0 +1,254 @@
+"""What torchgc's gradient checkpointing does to one transformers model.
+
+``enable`` and ``disable`` are the bodies of torchgc's ``gradient_checkpointing_enable`` and
+``_disable``: they install ``torchgc.checkpoint`` as the layers' checkpoint function, keep the
+per-model state that disable undoes and re-enable repeats (the input-grad hook, ``use_cache``, the
+last call's kwargs), and apply the norm options. ``torchgc.patching`` calls them for every model;
+other integrations call them for one model. transformers is imported only when they run.
+"""
+
+import functools
+import inspect
+import warnings
+from typing import Any, Callable, Dict, Optional
+
+import torch
+
+from torchgc import config, ops, strategies
+from torchgc.integrations import distributed
+
+ENABLE = "gradient_checkpointing_enable"
+DISABLE = "gradient_checkpointing_disable"
+# Newer transformers 5.x (5.23 has them) renamed the pair; the old names became deprecated aliases.
+AC_ENABLE = "activation_checkpointing_enable"
+AC_DISABLE = "activation_checkpointing_disable"
+
+NORM_OPTIONS = ("upcast_layernorm", "fused_norm", "upcast_lmhead_output")
+
+
+class _ModelState:
+    """What torchgc changed on one model, so disable can undo it and re-enable can repeat it."""
+
+    def __init__(self):
+        self.call_kwargs: Dict[str, Any] = {}  # the last non-empty gradient_checkpointing_kwargs
+        self.input_grad_hook = None
+        self.saved_use_cache: list = []  # (config, value) pairs set to False by enable
+        self.norm_handles: Dict[str, Any] = {}
+        self.warned_fsdp2 = False
+
+
+def _state(model) -> _ModelState:
+    state = model.__dict__.get("_torchgc_state")
+    if state is None:
+        state = _ModelState()
+        model.__dict__["_torchgc_state"] = state
+    return state
+
+
+def default_use_reentrant() -> bool:
+    """transformers before 5.0 defaults to reentrant checkpointing; 5.0 switched to non-reentrant
+    (transformers PR #43203)."""
+    import transformers
+
+    return int(transformers.__version__.split(".")[0]) < 5
+
+
+def norm_transforms(function: str) -> Dict[str, Callable]:
+    """torchgc.norm's model transforms by option name; each returns a handle whose remove() undoes
+    it. Raises ImportError naming ``function`` and the options when the norm ops cannot load, so
+    a caller can fail before it changes anything."""
+    try:
+        from torchgc import norm
+
+        ops.load_library()
+    except ImportError as exc:
+        raise ImportError(f"{function}: the options {', '.join(NORM_OPTIONS)} need torchgc's norm ops, which failed to load: {exc}") from exc
+    return {"upcast_layernorm": norm.upcast_layernorm, "fused_norm": norm.fuse_norms, "upcast_lmhead_output": norm.upcast_lmhead_output}
+
+
+def enable(
+    model,
+    kwargs: Optional[dict] = None,
+    *,
+    method: str = ENABLE,
+    every_n_layers: int = 1,
+    offload: bool = False,
+    options: Optional[config.Options] = None,
+) -> None:
+    """Turns on gradient checkpointing through torchgc.checkpoint for ``model``.
+
+    kwargs: the call's gradient_checkpointing_kwargs, which refine ``options`` (default: the
+    TORCHGC_* environment); None or {} repeats the previous enable's kwargs. method names the
+    method the user called, for error messages. Checks everything before it changes the model.
+    """
+    function = f"{type(model).__name__}.{method}()"
+    argument = "activation_checkpointing_kwargs" if method == AC_ENABLE else "gradient_checkpointing_kwargs"
+    if not model.supports_gradient_checkpointing:
+        raise ValueError(f"{type(model).__name__} does not support gradient checkpointing.")
+    if kwargs is not None and not isinstance(kwargs, dict):
+        raise ValueError(f"{function}: {argument} must be a dict or None; got {kwargs!r}")
+    if isinstance(every_n_layers, bool) or not isinstance(every_n_layers, int) or every_n_layers < 1:
+        raise ValueError(f"{function}: argument 'every_n_layers' must be an int >= 1; got {every_n_layers!r}")
+    if not isinstance(offload, bool):
+        raise ValueError(f"{function}: argument 'offload' must be True or False; got {offload!r}")
+
+    state = _state(model)
+    # No kwargs after an earlier enable: keep that configuration (TRL disables around generation
+    # and re-enables with no arguments).
+    call_kwargs = dict(kwargs) if kwargs else dict(state.call_kwargs)
+    if offload:
+        call_kwargs.setdefault("strategy", "offload")
+    remember = bool(kwargs) or offload
+    if options is None:
+        options = config.resolve(function, {})
+    options, forwarded = _split_kwargs(function, options, call_kwargs, argument)
+    use_reentrant = default_use_reentrant() if options.use_reentrant is None else options.use_reentrant
+    norm_transforms_to_apply = _norm_transforms_to_apply(state, options, function)
+    if options.strategy == "offload":
+        _require_offload_ops(function)
+    old_format = _uses_old_format(model)
+    if every_n_layers != 1 and (
+        old_format or "every_n_layers" not in inspect.signature(model._set_gradient_checkpointing).parameters
+    ):
+        raise ValueError(
+            f"{function}: argument 'every_n_layers' needs a transformers whose _set_gradient_checkpointing takes "
+            f"it; got every_n_layers={every_n_layers}"
+        )
+    if use_reentrant and distributed.uses_fsdp2(model):
+        if not state.warned_fsdp2:
+            warnings.warn(
+                f"{function}: FSDP2 is in use, and reentrant checkpointing breaks its hooks; torchgc uses "
+                "non-reentrant checkpointing instead",
+                stacklevel=3,
+            )
+            state.warned_fsdp2 = True
+        use_reentrant = False
+
+    gc_func = functools.partial(
+        strategies.checkpoint,
+        strategy=options.strategy,
+        use_reentrant=use_reentrant,
+        only_trainable=options.only_trainable,
+        prefetch=options.prefetch,
+        min_offload_bytes=options.min_offload_bytes,
+        **forwarded,
+    )
+    if old_format:
+        warnings.warn(
+            f"{function}: this model's _set_gradient_checkpointing uses the pre-4.35 (module, value) form and "
+            "calls torch's checkpoint itself; torchgc cannot route it and leaves the model's own checkpointing on",
+            stacklevel=3,
+        )
+        model.apply(functools.partial(model._set_gradient_checkpointing, value=True))
+    elif every_n_layers != 1:
+        model._set_gradient_checkpointing(enable=True, gradient_checkpointing_func=gc_func, every_n_layers=every_n_layers)
+    else:
+        model._set_gradient_checkpointing(enable=True, gradient_checkpointing_func=gc_func)
+
+    if remember:
+        state.call_kwargs = call_kwargs
+    needs_input_grads = use_reentrant or getattr(model, "_hf_peft_config_loaded", False)
+    if needs_input_grads and state.input_grad_hook is None:
+        state.input_grad_hook = _require_input_grads(model)
+    _turn_off_cache(model, state)
+    for name, transform in norm_transforms_to_apply.items():
+        state.norm_handles[name] = transform(model)
+
+
+def disable(model) -> None:
+    """Turns gradient checkpointing off and undoes what enable set on the model, except the norm
+    options, which outlive it (see _norm_transforms_to_apply)."""
+    if model.supports_gradient_checkpointing:
+        if _uses_old_format(model):
+            model.apply(functools.partial(model._set_gradient_checkpointing, value=False))
+        else:
+            model._set_gradient_checkpointing(enable=False)
+    state = _state(model)
+    if state.input_grad_hook is not None:
+        state.input_grad_hook.remove()
+        state.input_grad_hook = None
+    for cfg, value in state.saved_use_cache:
+        cfg.use_cache = value
+    state.saved_use_cache = []
+
+
+def _split_kwargs(function: str, base: config.Options, kwargs: Dict[str, Any], argument: str):
+    """Separates torchgc's options from the keys forwarded to torch.utils.checkpoint."""
+    forwarded = {k: v for k, v in kwargs.items() if k not in config.OPTION_NAMES}
+    allowed = _forwardable_keys()
+    unknown = sorted(set(forwarded) - allowed)
+    if unknown:
+        valid = ", ".join(sorted(set(config.OPTION_NAMES) | allowed))
+        raise ValueError(f"{function}: {argument} has unknown key(s) {unknown}; valid keys are {valid}")
+    return config.override(function, base, kwargs, argument), forwarded
+
+
+@functools.lru_cache(maxsize=None)
+def _forwardable_keys() -> frozenset:
+    keys = set()
+    for fn in (strategies.checkpoint, torch.utils.checkpoint.checkpoint):
+        for p in inspect.signature(fn).parameters.values():
+            if p.kind is inspect.Parameter.KEYWORD_ONLY or (
+                p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD and p.name != "function"
+            ):
+                keys.add(p.name)
+    return frozenset(keys - set(config.OPTION_NAMES))
+
+
+def _require_offload_ops(function: str) -> None:
+    try:
+        ops.load_library()
+    except ImportError as exc:
+        raise ImportError(f"{function}: strategy 'offload' needs torchgc's offload ops, which failed to load: {exc}") from exc
+
+
+def _uses_old_format(model) -> bool:
+    # Hub code written before transformers 4.35 overrides _set_gradient_checkpointing(module, value).
+    return "value" in inspect.signature(model._set_gradient_checkpointing).parameters
+
+
+def _make_output_require_grad(module, inputs, output):
+    if isinstance(output, torch.Tensor) and output.is_floating_point() and torch.is_grad_enabled():
+        output.requires_grad_(True)
+
+
+def _require_input_grads(model):
+    """Frozen embeddings (LoRA, k-bit) give the first layer an input that needs no grad; reentrant
+    checkpoint then computes no parameter gradient inside the layer. transformers and PEFT make the
+    embedding output require grad for that; so does torchgc, with a hook it owns and removes."""
+    try:
+        embeddings = model.get_input_embeddings()
+    except (NotImplementedError, AttributeError):
+        return None
+    if not isinstance(embeddings, torch.nn.Module):
+        return None
+    return embeddings.register_forward_hook(_make_output_require_grad)
+
+
+def _configs(model):
+    cfg = getattr(model, "config", None)
+    if cfg is None:
+        return []
+    found = [cfg]
+    text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    if text is not cfg:
+        found.append(text)
+    return [c for c in found if hasattr(c, "use_cache")]
+
+
+def _turn_off_cache(model, state: _ModelState) -> None:
+    # A KV cache is useless while checkpointing (the layers drop it) and wastes memory.
+    for cfg in _configs(model):
+        if not any(saved is cfg for saved, _ in state.saved_use_cache):
+            state.saved_use_cache.append((cfg, cfg.use_cache))
+        cfg.use_cache = False
+
+
+def _norm_transforms_to_apply(state: _ModelState, options: config.Options, function: str) -> Dict[str, Callable]:
+    # Norm changes outlive disable: TRL disables checkpointing around every generation, and
+    # round-tripping fp32 norm weights through the model dtype each time would lose precision.
+    missing = [name for name in NORM_OPTIONS if getattr(options, name) and name not in state.norm_handles]
+    if not missing:
+        return {}
+    transforms = norm_transforms(function)
+    return {name: transforms[name] for name in missing}

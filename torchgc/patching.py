@@ -1,0 +1,181 @@
+"""The class-level switch: ``patch()`` routes transformers' gradient checkpointing through torchgc.
+
+``patch()`` replaces ``gradient_checkpointing_enable``/``_disable`` (and, where a newer 5.x has
+them, their ``activation_checkpointing_*`` successors) on ``transformers.PreTrainedModel`` itself,
+so every model class, models built later, and PEFT wrappers (which forward to the base model) go
+through torchgc. ``unpatch()`` puts the original function objects back. What the replacements do
+to a model is torchgc.integrations.transformers' job; this module holds the switch and the
+options it was given.
+"""
+
+import contextlib
+import threading
+from typing import Any, Dict, Optional
+
+from torchgc import config
+from torchgc.integrations import transformers as hf
+
+_lock = threading.RLock()
+_originals: Dict[str, Any] = {}  # attribute name -> PreTrainedModel.__dict__ entry before patch()
+_options: Optional[config.Options] = None
+
+
+def _pretrained_model_class():
+    from transformers import PreTrainedModel
+
+    return PreTrainedModel
+
+
+# ---------------------------------------------------------------------------------------------
+# The replacement methods
+
+
+def _delegate_to_override(model, name: str):
+    """The instance's ``name`` when a subclass or an instance wrapper overrides torchgc's (remote
+    code; TRL's selective-checkpointing wrapper), else None."""
+    bound = getattr(model, name, None)
+    if bound is None or getattr(bound, "__func__", None) is _REPLACEMENTS[name]:
+        return None
+    return bound
+
+
+def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None, **kwargs):
+    """Activates gradient checkpointing through torchgc.checkpoint.
+
+    gradient_checkpointing_kwargs may hold torchgc's options (strategy, use_reentrant,
+    only_trainable, prefetch, min_offload_bytes, upcast_layernorm, fused_norm,
+    upcast_lmhead_output) and torch.utils.checkpoint's (preserve_rng_state, context_fn, ...).
+    None or {} keeps the configuration of the previous enable, or torchgc.patch()'s.
+    """
+    hf.enable(self, gradient_checkpointing_kwargs, method=hf.ENABLE, options=current_options(), **kwargs)
+
+
+def gradient_checkpointing_disable(self):
+    """Deactivates gradient checkpointing and undoes what torchgc's enable set on the model."""
+    hf.disable(self)
+
+
+def activation_checkpointing_enable(self, activation_checkpointing_kwargs=None, every_n_layers: int = 1, offload: bool = False):
+    """Newer transformers 5.x's name for gradient_checkpointing_enable, routed through torchgc.
+    offload=True selects torchgc's offload strategy unless the kwargs name another."""
+    override = _delegate_to_override(self, hf.ENABLE)
+    if override is not None:
+        extra = {}
+        if every_n_layers != 1:
+            extra["every_n_layers"] = every_n_layers
+        if offload:
+            extra["offload"] = offload
+        return override(gradient_checkpointing_kwargs=activation_checkpointing_kwargs, **extra)
+    hf.enable(self, activation_checkpointing_kwargs, method=hf.AC_ENABLE, every_n_layers=every_n_layers, offload=offload,
+              options=current_options())
+
+
+def activation_checkpointing_disable(self):
+    """Newer transformers 5.x's name for gradient_checkpointing_disable, routed through torchgc."""
+    override = _delegate_to_override(self, hf.DISABLE)
+    if override is not None:
+        return override()
+    hf.disable(self)
+
+
+_REPLACEMENTS = {
+    hf.ENABLE: gradient_checkpointing_enable,
+    hf.DISABLE: gradient_checkpointing_disable,
+    hf.AC_ENABLE: activation_checkpointing_enable,
+    hf.AC_DISABLE: activation_checkpointing_disable,
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Public API
+
+
+def patch(
+    strategy: Optional[str] = None,
+    *,
+    use_reentrant: Optional[bool] = None,
+    only_trainable: Optional[bool] = None,
+    upcast_layernorm: Optional[bool] = None,
+    fused_norm: Optional[bool] = None,
+    upcast_lmhead_output: Optional[bool] = None,
+    prefetch: Optional[bool] = None,
+    min_offload_bytes: Optional[int] = None,
+) -> config.Options:
+    """Routes every transformers model's gradient_checkpointing_enable through torchgc.
+
+    An argument left at None comes from its TORCHGC_* environment variable, else its default:
+    strategy "auto", use_reentrant as the installed transformers (True before 5.0, False from
+    5.0), only_trainable True, prefetch True, min_offload_bytes torchgc.checkpoint's default, the
+    norm options False. Calling patch() again only updates the options. Returns them.
+    """
+    global _options
+    given = dict(
+        strategy=strategy,
+        use_reentrant=use_reentrant,
+        only_trainable=only_trainable,
+        upcast_layernorm=upcast_layernorm,
+        fused_norm=fused_norm,
+        upcast_lmhead_output=upcast_lmhead_output,
+        prefetch=prefetch,
+        min_offload_bytes=min_offload_bytes,
+    )
+    options = config.resolve("torchgc.patch()", given)
+    if any(getattr(options, name) for name in hf.NORM_OPTIONS):
+        hf.norm_transforms("torchgc.patch()")  # fails here, before anything changes
+    cls = _pretrained_model_class()
+    with _lock:
+        if not _originals:
+            originals = {name: cls.__dict__[name] for name in _REPLACEMENTS if name in cls.__dict__}
+            try:
+                for name in originals:
+                    setattr(cls, name, _REPLACEMENTS[name])
+            except BaseException:
+                for name, original in originals.items():
+                    setattr(cls, name, original)
+                raise
+            _originals.update(originals)
+        _options = options
+    return options
+
+
+def unpatch() -> None:
+    """Puts transformers' original functions back. Models already enabled keep torchgc's
+    checkpoint function until their checkpointing is disabled or enabled again."""
+    global _options
+    with _lock:
+        if _originals:
+            cls = _pretrained_model_class()
+            for name, original in _originals.items():
+                setattr(cls, name, original)
+            _originals.clear()
+        _options = None
+
+
+def is_patched() -> bool:
+    return bool(_originals)
+
+
+def current_options() -> Optional[config.Options]:
+    """The options of the active patch, or None when transformers is not patched."""
+    return _options if _originals else None
+
+
+@contextlib.contextmanager
+def patched(strategy: Optional[str] = None, **options):
+    """``with torchgc.patched(...):`` patches for the block and restores the previous state after."""
+    with _lock:
+        previous = current_options()
+    result = patch(strategy, **options)
+    try:
+        yield result
+    finally:
+        if previous is None:
+            unpatch()
+        else:
+            _set_options(previous)
+
+
+def _set_options(options: config.Options) -> None:
+    global _options
+    with _lock:
+        _options = options
