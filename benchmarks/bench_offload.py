@@ -5,30 +5,17 @@ pinned host, on the copy stream) and reload + wait vs a non-blocking copy into p
 and `.to(device)` back. A reload allocates its result, and so does its baseline. Reports medians in GB/s and the ratio to the plain copy."""
 
 import argparse
-import statistics
-import time
 
 import torch
 
 from torchgc import ops
-
-
-def _median_seconds(fn, repeats, sync):
-    fn()
-    sync()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+from torchgc.bench.measure import median_seconds, synchronizer
 
 
 def measure(device: str, megabytes: int, repeats: int):
     x = torch.randn(megabytes * 2**20 // 4, device=device)
     nbytes = x.numel() * 4
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    sync = synchronizer(device)
     host = ops.offload(x)
     sync()
     if device == "cuda":
@@ -43,9 +30,12 @@ def measure(device: str, megabytes: int, repeats: int):
     def reload_and_wait():
         ops.wait(ops.reload(host, x.device))
 
+    def median(fn):
+        return median_seconds(fn, repeats=repeats, warmup=1, sync=sync)
+
     rows = [
-        ("offload", _median_seconds(lambda: ops.offload(x), repeats, sync), _median_seconds(plain_out, repeats, sync)),
-        ("reload+wait", _median_seconds(reload_and_wait, repeats, sync), _median_seconds(plain_in, repeats, sync)),
+        ("offload", median(lambda: ops.offload(x)), median(plain_out)),
+        ("reload+wait", median(reload_and_wait), median(plain_in)),
     ]
     return [(name, nbytes / t / 1e9, nbytes / base / 1e9, base / t) for name, t, base in rows]
 

@@ -7,7 +7,10 @@ import sys
 import pytest
 import torch
 
+import torchgc
+import torchgc.integrations.transformers as hf_integration
 from torchgc import bench
+from torchgc.bench import configs, measure, sweep, worker
 
 TINY = {"model_type": "llama", "vocab_size": 64, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
         "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64}
@@ -31,6 +34,20 @@ def test_sweep_writes_table_json_and_plot_with_gradient_agreement(tiny_config, t
     names = {(r["name"], r["seq_len"]) for r in report["results"]}
     expected = {"none", "hf-reentrant", "hf-nonreentrant", "torchgc-offload-reentrant", "torchgc-offload-nonreentrant"}
     assert names == {(n, 16) for n in expected}
+    # Each configuration ran through the public path: transformers' own enable for "hf", and for
+    # torchgc the enable that torchgc.patch() installs on PreTrainedModel, with the run's options.
+    for row in report["results"]:
+        reentrant = "use_reentrant=True" if "-reentrant" in row["name"] else "use_reentrant=False"
+        if row["name"] == "none":
+            assert row["enabled_with"] is None and row["checkpointed_with"] is None
+        elif row["name"].startswith("hf-"):
+            assert row["enabled_with"] == "transformers.modeling_utils.PreTrainedModel.gradient_checkpointing_enable", row
+            assert row["checkpointed_with"].startswith("torch.utils.checkpoint.checkpoint("), row
+            assert reentrant in row["checkpointed_with"], row
+        else:
+            assert row["enabled_with"] == "torchgc.patching.gradient_checkpointing_enable", row
+            assert row["checkpointed_with"].startswith("torchgc.strategies.checkpoint("), row
+            assert "strategy='offload'" in row["checkpointed_with"] and reentrant in row["checkpointed_with"], row
     saved = {row["name"]: row["saved_for_backward_bytes"] for row in report["results"]}
     assert all(saved[name] < saved["none"] for name in saved if name != "none"), saved
     for row in report["results"]:
@@ -46,10 +63,31 @@ def test_sweep_writes_table_json_and_plot_with_gradient_agreement(tiny_config, t
 SEQ_LEN = 64
 
 
-def _model(kind, use_reentrant=False, layers=TINY["num_hidden_layers"]):
-    model = bench._build_model({"model_config": dict(TINY, num_hidden_layers=layers)}, torch.device("cpu"))
-    bench._apply_config(model, bench.RunConfig(kind, use_reentrant))
+@pytest.fixture(autouse=True)
+def unpatched():
+    """apply_config patches transformers for torchgc configurations, as a worker process does."""
+    torchgc.unpatch()
+    yield
+    torchgc.unpatch()
+
+
+def _model(kind, use_reentrant=False, layers=TINY["num_hidden_layers"], fused_norm=False):
+    model = worker.build_model({"model_config": dict(TINY, num_hidden_layers=layers)}, torch.device("cpu"))
+    worker.apply_config(model, configs.RunConfig(kind, use_reentrant, fused_norm=fused_norm))
     return model
+
+
+@pytest.mark.parametrize("kind", ["torchgc-checkpoint", "torchgc-offload"])
+def test_torchgc_configurations_are_enabled_through_patch_and_gradient_checkpointing_enable(kind, monkeypatch):
+    enabled = []
+    real_enable = hf_integration.enable
+    monkeypatch.setattr(hf_integration, "enable", lambda model, *a, **k: enabled.append((model, k["options"])) or real_enable(model, *a, **k))
+    model = _model(kind, use_reentrant=True, fused_norm=True)
+    assert len(enabled) == 1 and enabled[0][0] is model, "the bench must call the model's gradient_checkpointing_enable once"
+    options = enabled[0][1]
+    assert options == torchgc.patching.current_options(), "the enable call must see the options given to torchgc.patch()"
+    assert (options.strategy, options.use_reentrant, options.min_offload_bytes, options.fused_norm) == (kind.split("-")[1], True, 0, True)
+    assert worker.describe_checkpointing(model)["enabled_with"] == "torchgc.patching.gradient_checkpointing_enable"
 
 
 def _batch():
@@ -58,7 +96,7 @@ def _batch():
 
 
 def _saved_bytes(kind, use_reentrant=False, layers=TINY["num_hidden_layers"]):
-    return bench.saved_for_backward_bytes(_model(kind, use_reentrant, layers), _batch())
+    return measure.saved_for_backward_bytes(_model(kind, use_reentrant, layers), _batch())
 
 
 @pytest.mark.parametrize("use_reentrant", [False, True])
@@ -93,7 +131,7 @@ def test_measuring_leaves_the_next_step_unchanged(kind, use_reentrant):
     def grads_of_one_step(measure_first):
         model = _model(kind, use_reentrant)
         if measure_first:
-            bench.saved_for_backward_bytes(model, _batch())
+            measure.saved_for_backward_bytes(model, _batch())
             model.zero_grad(set_to_none=True)
         model(**_batch()).loss.backward()
         return {n: p.grad for n, p in model.named_parameters()}
@@ -125,13 +163,13 @@ def test_bad_input_exits_non_zero_with_a_clear_error(args, message, capsys, tmp_
 def test_a_configuration_that_fails_in_its_worker_names_it_and_shows_the_worker_traceback():
     broken = {"model_config": dict(TINY, hidden_act="no-such-activation")}
     with pytest.raises(RuntimeError, match=r"(?s)configuration .*'kind': 'none'.* failed .*no-such-activation"):
-        bench.sweep(broken, [bench.RunConfig("none")], [16], device="cpu", batch_size=1, steps=1, warmup=0, progress=False)
+        sweep.sweep(broken, [configs.RunConfig("none")], [16], device="cpu", batch_size=1, steps=1, warmup=0, progress=False)
 
 
 def test_workers_are_fresh_processes_with_their_own_peak_memory():
     # Two identical runs forked from the same server measure the same peak: the first run's
     # memory is neither inherited by the second nor counted twice.
     spec = {"model_config": TINY}
-    first, second = bench.sweep(spec, [bench.RunConfig("none")] * 2, [64], device="cpu", batch_size=1, steps=1, warmup=0, progress=False)
+    first, second = sweep.sweep(spec, [configs.RunConfig("none")] * 2, [64], device="cpu", batch_size=1, steps=1, warmup=0, progress=False)
     assert first.peak_activation_bytes > 0
     assert abs(first.peak_activation_bytes - second.peak_activation_bytes) <= 0.25 * first.peak_activation_bytes

@@ -68,7 +68,7 @@ def _run(args: argparse.Namespace) -> int:
 def _add_bench(subparsers) -> None:
     from torchgc import bench
 
-    parser = subparsers.add_parser("bench", help="memory and step time of every checkpointing strategy", description=bench.__doc__.splitlines()[0])
+    parser = subparsers.add_parser("bench", help="memory and step time of every checkpointing strategy", description=bench.cli.DESCRIPTION)
     bench.build_parser(parser)
     parser.set_defaults(handler=lambda args: bench.main(args=args))
 

@@ -1,0 +1,96 @@
+"""`torchgc bench`'s command line: checks the arguments, runs the sweep, writes the report."""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+from torchgc.bench import report
+from torchgc.bench.configs import DEFAULT_MODEL_CONFIG, STRATEGY_KINDS, default_runs
+from torchgc.bench.sweep import sweep
+
+DESCRIPTION = "memory and speed of every checkpointing strategy on one model"
+
+
+def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.ArgumentParser:
+    parser = parser or argparse.ArgumentParser(prog="torchgc bench", description=DESCRIPTION)
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--model", help="a local Hugging Face checkpoint directory")
+    source.add_argument("--config", help="a transformers config.json (the model is built with random weights)")
+    parser.add_argument("--layers", type=int, default=None, help="override the model's number of layers (with --config or the default)")
+    parser.add_argument("--seq-lens", default="512,2048", help="comma-separated sequence lengths (default: 512,2048)")
+    parser.add_argument("--strategies", default=",".join(STRATEGY_KINDS), help=f"comma-separated subset of {', '.join(STRATEGY_KINDS)}")
+    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per configuration (the median is reported)")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--no-fused-norm", action="store_true", help="skip the fused-norm variant")
+    parser.add_argument("--no-freeze", action="store_true", help="skip the bottom-quarter-trainable variants")
+    parser.add_argument("--out", default="results", help="folder for bench.json and bench.png (default: results)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    return parser
+
+
+def _fail(message: str) -> int:
+    print(f"torchgc bench: error: {message}", file=sys.stderr)
+    return 2
+
+
+def main(argv=None, args=None) -> int:
+    args = args or build_parser().parse_args(argv)
+    kinds = [s.strip() for s in args.strategies.split(",") if s.strip()]
+    unknown = [k for k in kinds if k not in STRATEGY_KINDS]
+    if unknown or not kinds:
+        return _fail(f"--strategies: unknown {', '.join(unknown) or '(none given)'}; expected a subset of {', '.join(STRATEGY_KINDS)}")
+    try:
+        seq_lens = [int(s) for s in args.seq_lens.split(",") if s.strip()]
+    except ValueError:
+        return _fail(f"--seq-lens: expected comma-separated integers, got {args.seq_lens!r}")
+    checked = [("--batch-size", args.batch_size), ("--steps", args.steps)] + ([("--layers", args.layers)] if args.layers is not None else [])
+    for name, value in checked:
+        if value < 1:
+            return _fail(f"{name}: expected an integer >= 1, got {value}")
+    if args.warmup < 0:
+        return _fail(f"--warmup: expected an integer >= 0, got {args.warmup}")
+
+    if args.model:
+        if not (Path(args.model) / "config.json").is_file():
+            return _fail(f"--model: expected a local checkpoint directory with a config.json, got {args.model!r}")
+        model_spec = {"model_path": str(Path(args.model).resolve())}
+        config_dict = json.loads((Path(args.model) / "config.json").read_text())
+    elif args.config:
+        if not Path(args.config).is_file():
+            return _fail(f"--config: no such file {args.config!r}")
+        config_dict = json.loads(Path(args.config).read_text())
+        model_spec = {"model_config": config_dict}
+    else:
+        config_dict = DEFAULT_MODEL_CONFIG
+        model_spec = {"model_config": dict(DEFAULT_MODEL_CONFIG)}
+    if args.layers is not None:
+        if "model_config" not in model_spec:
+            return _fail("--layers: only with --config or the built-in model, not with --model")
+        model_spec["model_config"]["num_hidden_layers"] = args.layers
+    max_len = config_dict.get("max_position_embeddings") or config_dict.get("n_positions")
+    bad = [s for s in seq_lens if s < 1 or (max_len and s > max_len)]
+    if bad or not seq_lens:
+        return _fail(f"--seq-lens: expected lengths between 1 and the model's maximum {max_len}, got {bad or '(none)'}")
+
+    import torch
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        return _fail("--device: cuda was asked for but no CUDA GPU is available")
+    if device not in ("cpu",) and not device.startswith("cuda"):
+        return _fail(f"--device: expected cpu or cuda, got {device!r}")
+
+    runs = [r for r in default_runs(fused_norm=not args.no_fused_norm, freeze=not args.no_freeze) if r.kind in kinds]
+
+    try:
+        results = sweep(model_spec, runs, seq_lens, device=device, batch_size=args.batch_size, steps=args.steps, warmup=args.warmup, progress=not args.quiet)
+    except RuntimeError as exc:
+        return _fail(str(exc).removeprefix("torchgc bench: "))
+    settings = {"seq_lens": seq_lens, "batch_size": args.batch_size, "steps": args.steps, "warmup": args.warmup, "model": model_spec}
+    written = report.write(results, Path(args.out), device=device, settings=settings)
+    print(f"\n{written}")
+    return 0

@@ -1,0 +1,68 @@
+"""What `torchgc bench` runs: the default model, the configurations, and one result."""
+
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+# A small Llama that runs a 2048-token step in about a second on two CPU cores.
+DEFAULT_MODEL_CONFIG = {
+    "model_type": "llama",
+    "vocab_size": 2048,
+    "hidden_size": 256,
+    "intermediate_size": 688,
+    "num_hidden_layers": 8,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 4,
+    "max_position_embeddings": 8192,
+    "rms_norm_eps": 1e-6,
+    "tie_word_embeddings": False,
+}
+
+STRATEGY_KINDS = ("none", "hf", "torchgc-checkpoint", "torchgc-offload")
+BASELINE = "hf-nonreentrant"
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    kind: str
+    use_reentrant: bool = False
+    fused_norm: bool = False
+    trainable_fraction: float = 1.0  # < 1: only the bottom fraction of layers is trained
+
+    @property
+    def name(self) -> str:
+        name = self.kind if self.kind == "none" else f"{self.kind}-{'reentrant' if self.use_reentrant else 'nonreentrant'}"
+        if self.fused_norm:
+            name += "+fused-norm"
+        if self.trainable_fraction < 1:
+            name += f"+train-bottom-{self.trainable_fraction:g}"
+        return name
+
+
+@dataclass
+class RunResult:
+    config: RunConfig
+    seq_len: int
+    step_seconds: float
+    step_seconds_all: List[float]
+    peak_activation_bytes: int
+    peak_reserved_bytes: Optional[int]
+    host_offloaded_bytes: int
+    saved_for_backward_bytes: int
+    enabled_with: Optional[str] = None  # the gradient_checkpointing_enable the model resolved
+    checkpointed_with: Optional[str] = None  # the function its layers checkpoint with, and its options
+    grad_max_abs_diff: Optional[float] = None
+    grads_bitwise_equal: Optional[bool] = None
+    loss: float = 0.0
+    grads_file: str = field(default="", repr=False)
+
+
+def default_runs(fused_norm: bool, freeze: bool) -> List[RunConfig]:
+    runs = [RunConfig("none")]
+    for kind in ("hf", "torchgc-checkpoint", "torchgc-offload"):
+        for reentrant in (True, False):
+            runs.append(RunConfig(kind, reentrant))
+    if fused_norm:
+        runs.append(RunConfig("torchgc-checkpoint", False, fused_norm=True))
+    if freeze:
+        runs += [RunConfig("hf", False, trainable_fraction=0.25), RunConfig("torchgc-checkpoint", False, trainable_fraction=0.25)]
+    return runs

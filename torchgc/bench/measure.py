@@ -1,0 +1,115 @@
+"""Measurements shared by `torchgc bench` and benchmarks/: timing, process memory, and the bytes
+the autograd graph holds for backward. Nothing here imports transformers."""
+
+import resource
+import statistics
+import time
+from typing import Callable, List, Optional
+
+import torch
+
+
+def synchronizer(device) -> Callable[[], None]:
+    """What makes the host wait for `device`'s queued work, so a timer sees the work itself."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return lambda: torch.cuda.synchronize(device)
+    return lambda: None
+
+
+def timed_calls(fn: Callable[[], object], *, repeats: int, warmup: int = 0, sync: Optional[Callable[[], None]] = None,
+                after: Optional[Callable[[int], None]] = None) -> List[float]:
+    """Calls fn() warmup + repeats times, each call synchronized before and after, and returns the
+    seconds of the last `repeats` calls. after(i), if given, runs untimed after call i (0-based,
+    warm-up calls included)."""
+    sync = sync or (lambda: None)
+    times = []
+    for i in range(warmup + repeats):
+        sync()
+        start = time.perf_counter()
+        fn()
+        sync()
+        elapsed = time.perf_counter() - start
+        if i >= warmup:
+            times.append(elapsed)
+        if after is not None:
+            after(i)
+    return times
+
+
+def median_seconds(fn: Callable[[], object], *, repeats: int, warmup: int = 1, sync: Optional[Callable[[], None]] = None) -> float:
+    """The median time of fn() over `repeats` synchronized calls after `warmup` untimed ones."""
+    return statistics.median(timed_calls(fn, repeats=repeats, warmup=warmup, sync=sync))
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize()
+
+
+def reset_peak_rss() -> None:
+    # A forked worker inherits the server's high-water mark; "5" resets it (Linux >= 4.0).
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass  # then the peak below may include the server's, and only ever overstates
+
+
+def peak_rss_bytes() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+
+
+def saved_for_backward_bytes(model, inputs: dict) -> int:
+    """Runs one training step (forward and backward, no optimizer step) and returns the bytes of
+    the activation storages that the autograd graph holds for backward at the end of its forward.
+
+    Candidates are every tensor that a saved-tensor hook around the model packs (what autograd
+    saves outside checkpointed regions, and the inputs that reentrant and non-reentrant checkpoint
+    save) and every tensor passed to a module (a checkpointed layer's inputs: the checkpoint keeps
+    its keyword arguments in its recompute function, not as saved tensors, and torchgc's offload
+    hooks, being innermost, pack its saved inputs out of the outer hook's sight). A candidate counts
+    if its storage is still alive when the forward returns: an input that offloading moved to host
+    memory has been released on the device by then (host_offloaded_bytes reports the host side), one
+    that offloading keeps (the last layer's, one shared by layers) has not. Each storage counts
+    once and in full, since it stays allocated while any view of it is held. Not counted:
+    parameters, buffers and the batch, which stay resident regardless, and the RNG state that a
+    checkpoint keeps (about 5 KiB a layer), which is no activation.
+    """
+    from torch.multiprocessing.reductions import StorageWeakRef
+    from torch.utils import _pytree as pytree
+
+    kept_anyway = [*model.parameters(), *model.buffers(), *inputs.values()]
+    excluded = {t.untyped_storage().data_ptr() for t in kept_anyway}
+    # By address: a storage recorded at an address that a later one reuses has been freed.
+    candidates = {}
+
+    def record(tensor):
+        if isinstance(tensor, torch.Tensor) and tensor.layout == torch.strided:
+            storage = tensor.untyped_storage()
+            if storage.nbytes() and storage.data_ptr() not in excluded:
+                candidates[storage.data_ptr()] = (StorageWeakRef(storage), storage.nbytes())
+
+    def pack(tensor):
+        record(tensor)
+        # Detached: a saved output holding its own grad_fn would be a cycle that outlives a failed step.
+        return tensor.detach()
+
+    def record_inputs(module, args, kwargs):
+        for leaf in pytree.tree_leaves((args, kwargs)):
+            record(leaf)
+
+    handles = [m.register_forward_pre_hook(record_inputs, with_kwargs=True) for m in model.modules()]
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            loss = model(**inputs).loss
+    finally:
+        for handle in handles:
+            handle.remove()
+    nbytes = sum(size for ref, size in candidates.values() if not ref.expired())
+    loss.backward()
+    return nbytes

@@ -1,0 +1,100 @@
+"""`torchgc bench` results for people: a terminal table with ratios against transformers' own
+checkpointing, JSON with the environment, and a PNG plot."""
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import asdict
+from pathlib import Path
+from typing import List, Optional
+
+from torchgc.bench.configs import BASELINE, RunResult
+
+
+def _ratio(result: RunResult, base: Optional[RunResult], attribute: str) -> str:
+    base_value = getattr(base, attribute) if base else 0
+    return f"{getattr(result, attribute) / base_value:6.3f}" if base_value > 0 else "     -"
+
+
+def format_table(results: List[RunResult]) -> str:
+    baseline = {r.seq_len: r for r in results if r.config.name == BASELINE}
+    header = (f"{'strategy':50} {'seq':>6} {'step s':>8} {'x hf':>6} {'peak act MiB':>13} {'x hf':>6} {'saved MiB':>10} {'x hf':>6} "
+              f"{'host MiB':>9} {'grad max|diff|':>15}")
+    lines = [header, "-" * len(header)]
+    for r in results:
+        base = baseline.get(r.seq_len)
+        if r.grad_max_abs_diff is None:
+            grad = "reference" if r.config.kind == "none" else "-"
+        else:
+            grad = "bitwise equal" if r.grads_bitwise_equal else f"{r.grad_max_abs_diff:.2e}"
+        lines.append(
+            f"{r.config.name:50} {r.seq_len:6d} {r.step_seconds:8.3f} {_ratio(r, base, 'step_seconds')} "
+            f"{r.peak_activation_bytes / 2**20:13.1f} {_ratio(r, base, 'peak_activation_bytes')} "
+            f"{r.saved_for_backward_bytes / 2**20:10.1f} {_ratio(r, base, 'saved_for_backward_bytes')} "
+            f"{r.host_offloaded_bytes / 2**20:9.1f} {grad:>15}"
+        )
+    return "\n".join(lines)
+
+
+def plot(results: List[RunResult], path: Path) -> Optional[Path]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, (ax_mem, ax_time) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for name in dict.fromkeys(r.config.name for r in results):
+        rows = sorted((r for r in results if r.config.name == name), key=lambda r: r.seq_len)
+        seqs = [r.seq_len for r in rows]
+        ax_mem.plot(seqs, [r.peak_activation_bytes / 2**20 for r in rows], marker="o", label=name)
+        ax_time.plot(seqs, [r.step_seconds for r in rows], marker="o", label=name)
+    ax_mem.set(xlabel="sequence length", ylabel="peak activation memory (MiB)", title="Peak memory per step")
+    ax_time.set(xlabel="sequence length", ylabel="step time (s, median)", title="Step time")
+    for ax in (ax_mem, ax_time):
+        ax.set_xscale("log", base=2)
+        ax.grid(True, alpha=0.3)
+    ax_time.legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def environment(device: str) -> dict:
+    import torch
+    import transformers
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent).stdout.strip() or None
+    except OSError:
+        commit = None
+    return {
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "device": torch.cuda.get_device_name() if device.startswith("cuda") else f"cpu ({os.cpu_count()} cores)",
+        "commit": commit,
+        "python": sys.version.split()[0],
+    }
+
+
+def write(results: List[RunResult], out: Path, *, device: str, settings: dict) -> str:
+    """Prints the table and writes bench.json, bench.txt and (with matplotlib) bench.png to `out`;
+    returns the line that says what was written."""
+    out.mkdir(parents=True, exist_ok=True)
+    table = format_table(results)
+    print(table)
+    report = {
+        "environment": environment(device),
+        "settings": settings,
+        "baseline": BASELINE,
+        "results": [dict(asdict(r), name=r.config.name) for r in results],
+    }
+    for row in report["results"]:
+        row.pop("grads_file", None)
+    (out / "bench.json").write_text(json.dumps(report, indent=2))
+    (out / "bench.txt").write_text(table + "\n")
+    png = plot(results, out / "bench.png")
+    return f"wrote {out / 'bench.json'}, {out / 'bench.txt'}" + (f" and {png}" if png else " (no matplotlib: no plot)")

@@ -1,0 +1,133 @@
+"""One `torchgc bench` configuration, run inside its own worker process.
+
+Every configuration is applied the way a user applies it: transformers' own
+``gradient_checkpointing_enable`` for "hf", and ``torchgc.patch()`` followed by the same
+``gradient_checkpointing_enable`` call for torchgc's. The result records which enable function
+the model resolved and which function its layers checkpoint with, so a reader (and the tests)
+can see that the public path ran.
+"""
+
+import functools
+import statistics
+
+import torch
+
+from torchgc.bench import measure
+from torchgc.bench.configs import RunConfig
+
+
+def build_model(spec: dict, device):
+    import transformers
+
+    torch.manual_seed(0)
+    if spec.get("model_path"):
+        model = transformers.AutoModelForCausalLM.from_pretrained(spec["model_path"], local_files_only=True, dtype=torch.float32)
+    else:
+        config = transformers.AutoConfig.for_model(**spec["model_config"])
+        config._attn_implementation = "eager" if device.type == "cpu" else "sdpa"
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.config.use_cache = False
+    return model.to(device).train()
+
+
+def decoder_layers(model):
+    lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m) > 0]
+    return max(lists, key=len) if lists else []
+
+
+def apply_config(model, config: RunConfig) -> list:
+    """Freezes what the configuration freezes and enables its checkpointing through the public
+    path; returns the parameters to train."""
+    import torchgc
+
+    layers = decoder_layers(model)
+    if config.trainable_fraction < 1:
+        model.requires_grad_(False)
+        for layer in layers[: max(1, int(len(layers) * config.trainable_fraction))]:
+            layer.requires_grad_(True)
+    if config.kind == "hf":
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": config.use_reentrant})
+    elif config.kind.startswith("torchgc-"):
+        # Every input is offloaded however small, so the tiny models of the tests offload too.
+        torchgc.patch(strategy=config.kind.split("-", 1)[1], use_reentrant=config.use_reentrant, min_offload_bytes=0,
+                      fused_norm=config.fused_norm)
+        model.gradient_checkpointing_enable()
+    return [p for p in model.parameters() if p.requires_grad] or list(model.parameters())
+
+
+def describe_checkpointing(model) -> dict:
+    """Which enable function the model resolves, and which function (with which options) its
+    layers checkpoint with; None for a run without checkpointing."""
+    enable = type(model).gradient_checkpointing_enable
+    functions = {id(m._gradient_checkpointing_func): m._gradient_checkpointing_func
+                 for m in model.modules() if getattr(m, "gradient_checkpointing", False)}
+    if not functions:
+        return {"enabled_with": None, "checkpointed_with": None}
+    described = []
+    for function in functions.values():
+        options = ""
+        if isinstance(function, functools.partial):
+            options = "(" + ", ".join(f"{k}={v!r}" for k, v in sorted(function.keywords.items())) + ")"
+            function = function.func
+        described.append(f"{function.__module__}.{function.__qualname__}{options}")
+    return {"enabled_with": f"{enable.__module__}.{enable.__qualname__}", "checkpointed_with": " | ".join(sorted(described))}
+
+
+def run(spec: dict) -> dict:
+    """Builds the model, applies the configuration, measures the bytes saved for backward in one
+    untimed step, then times warm-up + timed steps; the first step's gradients go to
+    spec["grads_file"] for the comparison with the run without checkpointing."""
+    import torchgc
+
+    torchgc.ops.load_library()  # here, not inside the first timed step (host_pool_stats needs it)
+    config = RunConfig(**spec["config"])
+    device = torch.device(spec["device"])
+    model = build_model(spec, device)
+    trainable = apply_config(model, config)
+    for p in trainable:
+        p.grad = torch.zeros_like(p)
+    optimizer = torch.optim.SGD(trainable, lr=1e-4)
+    generator = torch.Generator().manual_seed(1)
+    input_ids = torch.randint(0, model.config.vocab_size, (spec["batch_size"], spec["seq_len"]), generator=generator).to(device)
+    inputs = {"input_ids": input_ids, "labels": input_ids}
+
+    sync = measure.synchronizer(device)
+    if device.type == "cuda":
+        sync()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        measure.reset_peak_rss()
+        base = measure.rss_bytes()
+    saved_bytes = measure.saved_for_backward_bytes(model, inputs)
+    observed = {"host_bytes": 0, "loss": None}
+
+    def step():
+        optimizer.zero_grad(set_to_none=False)
+        loss = model(**inputs).loss
+        observed["host_bytes"] = max(observed["host_bytes"], torchgc.ops.host_pool_stats().in_use_bytes)
+        loss.backward()
+        optimizer.step()
+        observed["loss"] = loss
+
+    def after(i):
+        if i == 0:  # the optimizer step leaves .grad as backward made it
+            observed["first_loss"] = observed["loss"].item()
+            torch.save({n: p.grad.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}, spec["grads_file"])
+
+    times = measure.timed_calls(step, repeats=spec["steps"], warmup=spec["warmup"], sync=sync, after=after)
+    if device.type == "cuda":
+        peak, reserved = torch.cuda.max_memory_allocated() - base, torch.cuda.max_memory_reserved()
+    else:
+        peak, reserved = measure.peak_rss_bytes() - base, None
+    return {
+        "step_seconds": statistics.median(times),
+        "step_seconds_all": times,
+        "peak_activation_bytes": peak,
+        "peak_reserved_bytes": reserved,
+        "host_offloaded_bytes": observed["host_bytes"],
+        "saved_for_backward_bytes": saved_bytes,
+        "loss": observed["first_loss"],
+        "grads_file": spec["grads_file"],
+        **describe_checkpointing(model),
+    }
