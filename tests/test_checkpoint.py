@@ -128,6 +128,46 @@ def test_frozen_lower_layers_are_not_checkpointed(strategy, use_reentrant, monke
     assert len(calls) == 2
 
 
+def bytes_saved_for_backward(run):
+    """The bytes autograd saves for backward while run() executes (checkpointed regions save their
+    inputs; torch's checkpoint packs their insides with its own, innermost hooks)."""
+    saved = []
+
+    def pack(t):
+        saved.append(t.numel() * t.element_size())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = run()
+    return sum(saved), out
+
+
+@pytest.mark.parametrize("strategy,use_reentrant", STRATEGIES, ids=STRATEGY_IDS)
+def test_a_block_without_parameters_is_checkpointed(strategy, use_reentrant):
+    # Not "frozen": it has no parameters at all, and its activations are as big as any layer's.
+    block = torch.nn.Sequential(*[torch.nn.GELU(), torch.nn.Tanh(), torch.nn.SiLU(), torch.nn.Softmax(-1)] * 4)
+    x = torch.randn(64, 1024, requires_grad=True)
+    one_input = x.numel() * x.element_size()
+    kept_plain, plain = bytes_saved_for_backward(lambda: block(x))
+    kept, out = bytes_saved_for_backward(lambda: torchgc.checkpoint(block, x, strategy=strategy, use_reentrant=use_reentrant, min_offload_bytes=0))
+    assert kept_plain >= 10 * one_input
+    # The checkpoint saves its input (offload's own hooks take it out of this count).
+    assert kept == (0 if strategy == "offload" else one_input), (kept, one_input)
+    plain.square().sum().backward()
+    expected, x.grad = x.grad, None
+    out.square().sum().backward()
+    assert torch.equal(x.grad, expected)
+
+
+@pytest.mark.parametrize("strategy,use_reentrant", STRATEGIES, ids=STRATEGY_IDS)
+def test_a_frozen_layer_without_trainable_inputs_is_not_checkpointed(strategy, use_reentrant):
+    layer = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.GELU(), torch.nn.Linear(64, 64)).requires_grad_(False)
+    x = torch.randn(8, 64)
+    kept, out = bytes_saved_for_backward(lambda: torchgc.checkpoint(layer, x, strategy=strategy, use_reentrant=use_reentrant))
+    assert kept == 0 and not out.requires_grad
+    assert torch.equal(out, layer(x))
+
+
 class KwargLayer(torch.nn.Module):
     """A layer whose extra inputs arrive as keyword tensors, and whose output is a bare tensor."""
 
@@ -182,6 +222,34 @@ def test_an_input_shared_by_two_layers(strategy, use_reentrant):
 
     for ref, got in zip(run(False), run(True)):
         assert torch.equal(ref, got)
+
+
+# Where the in-place change hits: the first layer's input (offloaded by the time it happens), the
+# last layer's (kept on the device), or the base of a view that was the first layer's input and
+# no longer exists itself (the base shares its version counter).
+INPLACE_TARGETS = ["offloaded-input", "resident-input", "base-of-a-dropped-view"]
+
+
+@pytest.mark.parametrize("target", INPLACE_TARGETS)
+@pytest.mark.parametrize("strategy,use_reentrant", STRATEGIES, ids=STRATEGY_IDS)
+def test_an_input_changed_in_place_before_backward_raises_like_autograd(strategy, use_reentrant, target, count_offloads):
+    torch.manual_seed(0)
+    layers = [torch.nn.Linear(8, 8) for _ in range(3)]
+    x = torch.randn(4, 8, requires_grad=True)
+    base = x * 1.0
+    h = base.view(4, 8) if target == "base-of-a-dropped-view" else base
+    inputs = []
+    for layer in layers:
+        inputs.append(h)
+        h = torchgc.checkpoint(layer, h, strategy=strategy, use_reentrant=use_reentrant, min_offload_bytes=0)
+    assert len(count_offloads) == (2 if strategy == "offload" else 0)
+    if target == "base-of-a-dropped-view":
+        del inputs[0]
+        base.mul_(2)
+    else:
+        inputs[0 if target == "offloaded-input" else -1].mul_(2)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        h.sum().backward()
 
 
 def test_gradient_accumulation_and_several_forwards_before_backward():
@@ -290,6 +358,9 @@ def test_host_cap_keeps_tensors_on_the_device(count_offloads):
         ({"use_reentrant": "yes"}, r"argument 'use_reentrant' must be True or False; got 'yes'"),
         ({"min_offload_bytes": -1}, r"argument 'min_offload_bytes' must be None or an int >= 0; got -1"),
         ({"max_host_bytes": 1.5}, r"argument 'max_host_bytes' must be None or an int >= 0; got 1.5"),
+        ({"only_trainable": "no"}, r"torchgc.checkpoint: argument 'only_trainable' must be True or False; got 'no'"),
+        ({"prefetch": 0}, r"torchgc.checkpoint: argument 'prefetch' must be True or False; got 0"),
+        ({"preserve_rng_state": None}, r"torchgc.checkpoint: argument 'preserve_rng_state' must be True or False; got None"),
     ],
 )
 def test_bad_arguments_raise_a_clear_error(kwargs, match):

@@ -39,25 +39,46 @@ class OffloadPolicy:
 class _Entry:
     """One saved input: on the device until offloaded, then on the host until unpacked."""
 
-    __slots__ = ("device_tensor", "host", "device", "reloaded", "previous", "shared", "__weakref__")
+    __slots__ = ("device_tensor", "host", "device", "reloaded", "previous", "shared", "version", "aliases",
+                 "modified_at", "shape", "dtype", "__weakref__")
 
     def __init__(self, tensor: torch.Tensor, previous: Optional["_Entry"]):
         self.device_tensor = tensor
         self.host = None
-        self.device = tensor.device
+        self.device, self.shape, self.dtype = tensor.device, tuple(tensor.shape), tensor.dtype
         self.reloaded = None
         self.previous = weakref.ref(previous) if previous is not None else None
         self.shared = False  # saved by more than one layer: offloading it would free nothing
+        # Autograd checks a saved tensor's version counter when it unpacks it, but not one that a
+        # saved-tensor hook packed; so this does. The tensor and its base share the counter, and
+        # weak references to them keep nothing alive after offloading.
+        self.version = tensor._version
+        self.aliases = [weakref.ref(t) for t in (tensor, tensor._base) if t is not None]
+        self.modified_at = None  # the version seen when the copy was made, if it had changed
 
     def offload(self) -> None:
+        if self.device_tensor._version != self.version:
+            self.modified_at = self.device_tensor._version  # raised at unpack, where autograd raises
         self.host = ops.offload(self.device_tensor)
         self.device_tensor = None
+
+    def check_unmodified(self) -> None:
+        versions = [self.modified_at] + [t._version for t in (ref() for ref in self.aliases) if t is not None]
+        changed = [v for v in versions if v is not None and v != self.version]
+        if changed:
+            raise RuntimeError(
+                "one of the variables needed for gradient computation has been modified by an inplace operation: "
+                f"torchgc offload saved a checkpointed layer's input of shape {list(self.shape)} and dtype {self.dtype} "
+                f"at version {self.version}, and it is now at version {changed[0]}. Modify a copy of it "
+                "(x = x.clone()), or change it before the layer runs."
+            )
 
     def start_reload(self) -> None:
         if self.host is not None and self.reloaded is None:
             self.reloaded = ops.reload(self.host, self.device)
 
     def unpack(self, prefetch: bool) -> torch.Tensor:
+        self.check_unmodified()
         self.start_reload()
         # The previous layer's input is needed right after this layer's recompute: start its
         # copy now so it overlaps.

@@ -47,12 +47,14 @@ def checkpoint(
     strategy: "checkpoint" recomputes in backward; "offload" also moves the saved inputs to host
     memory and prefetches them back; "auto" offloads when an input lives on an accelerator and is
     at least ``min_offload_bytes`` large (default 2 MiB), and checkpoints otherwise.
-    only_trainable: a layer with no parameter that requires grad runs as is, not recomputed.
+    only_trainable: a frozen layer (one with parameters, none of which requires grad) runs as is,
+    not recomputed. A layer without parameters is checkpointed like any other.
     max_host_bytes: offloading stops while this many host bytes are in use (None: no cap).
     """
-    _check_arguments(strategy, use_reentrant, min_offload_bytes, max_host_bytes)
+    flags = {"use_reentrant": use_reentrant, "preserve_rng_state": preserve_rng_state, "only_trainable": only_trainable, "prefetch": prefetch}
+    _check_arguments(strategy, flags, min_offload_bytes, max_host_bytes)
     module = owning_module(function)
-    if not torch.is_grad_enabled() or (only_trainable and module is not None and not _has_trainable_parameters(module)):
+    if not torch.is_grad_enabled() or (only_trainable and module is not None and _is_frozen(module)):
         return function(*args, **kwargs)
 
     reason = _reentrant_would_fail(args, module) if use_reentrant else None
@@ -97,18 +99,26 @@ def owning_module(function: Callable) -> Optional[torch.nn.Module]:
 _ACCELERATORS = frozenset({"cuda", "xpu", "hpu", "mtia", "privateuseone"})
 
 
-def _check_arguments(strategy, use_reentrant, min_offload_bytes, max_host_bytes) -> None:
+def _check_arguments(strategy, flags, min_offload_bytes, max_host_bytes) -> None:
     if strategy not in STRATEGIES:
         raise ValueError(f"torchgc.checkpoint: argument 'strategy' must be one of {', '.join(STRATEGIES)}; got {strategy!r}")
-    if not isinstance(use_reentrant, bool):
-        raise ValueError(f"torchgc.checkpoint: argument 'use_reentrant' must be True or False; got {use_reentrant!r}")
+    for name, value in flags.items():
+        if not isinstance(value, bool):
+            raise ValueError(f"torchgc.checkpoint: argument '{name}' must be True or False; got {value!r}")
     for name, value in (("min_offload_bytes", min_offload_bytes), ("max_host_bytes", max_host_bytes)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
             raise ValueError(f"torchgc.checkpoint: argument '{name}' must be None or an int >= 0; got {value!r}")
 
 
-def _has_trainable_parameters(module: torch.nn.Module) -> bool:
-    return any(p.requires_grad for p in module.parameters())
+def _is_frozen(module: torch.nn.Module) -> bool:
+    # A parameter-free block (an attention core, an activation stack) is not frozen: its
+    # activations are as large as any layer's, and checkpointing it saves them.
+    has_parameters = False
+    for p in module.parameters():
+        if p.requires_grad:
+            return False
+        has_parameters = True
+    return has_parameters
 
 
 def _reentrant_would_fail(args, module: Optional[torch.nn.Module]) -> Optional[str]:
