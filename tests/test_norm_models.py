@@ -214,3 +214,69 @@ def test_upcast_lmhead_output_gives_fp32_logits_and_is_removable():
     handle.remove()
     assert model(input_ids=ids).logits.dtype == torch.bfloat16
     assert norm.upcast_lmhead_output(model.float()).hooked == []  # already fp32: nothing to do
+
+
+# --- copies and pickles of a model with torchgc's norms (TRL's reference model and EMA copies are
+# deep copies) ------------------------------------------------------------------------------------
+
+NORM_OPTIONS = ["fused_norm", "upcast_layernorm", "upcast_lmhead_output"]
+OPTION_SETS = [[option] for option in NORM_OPTIONS] + [NORM_OPTIONS]
+
+
+def enabled_through_patch(name, options):
+    import torchgc
+
+    model = tiny(name)
+    with torchgc.patched(strategy="checkpoint", **{option: True for option in options}):
+        model.gradient_checkpointing_enable()
+    return model.train()
+
+
+def fused_norm_count(model):
+    return sum(isinstance(m.__dict__.get("forward"), norm._FusedForward) for m in model.modules())
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+@pytest.mark.parametrize("options", OPTION_SETS, ids="+".join)
+def test_a_deep_copy_computes_with_and_trains_its_own_weights(options):
+    from torchgc.integrations import transformers as hf_integration
+
+    model = enabled_through_patch("gemma", options)
+    ids = batch()
+    expected = logits(model, ids)
+    clone = copy.deepcopy(model)
+    assert fused_norm_count(clone) == fused_norm_count(model)
+    assert torch.equal(logits(clone, ids), expected)
+
+    clone(input_ids=ids, labels=ids).loss.backward()
+    assert all(p.grad is None for p in model.parameters()), "the copy's backward reached the original"
+    assert all(p.grad is not None for p in clone.parameters())
+    with torch.no_grad():
+        for name, p in clone.named_parameters():
+            if p.ndim == 1 and "norm" in name:
+                p.mul_(1.5)
+    assert not torch.equal(logits(clone, ids), expected), "the copy's norms still compute with the original's weights"
+    assert torch.equal(logits(model, ids), expected)
+
+    # Undoing torchgc's changes on the copy undoes them there only.
+    for handle in hf_integration._state(clone).norm_handles.values():
+        handle.remove()
+    assert fused_norm_count(clone) == 0 and not hasattr(clone.get_output_embeddings(), "_torchgc_fp32_logits")
+    assert fused_norm_count(model) == (0 if options == ["upcast_lmhead_output"] else 5)
+    assert logits(model, ids).dtype == (torch.float32 if "upcast_lmhead_output" in options else torch.bfloat16)
+
+
+@pytest.mark.parametrize("options", OPTION_SETS, ids="+".join)
+def test_a_pickled_model_loads_and_computes_the_same(options, tmp_path):
+    model = enabled_through_patch("llama", options)
+    ids = batch()
+    torch.save(model, tmp_path / "model.pt")
+    loaded = torch.load(tmp_path / "model.pt", weights_only=False)
+    assert fused_norm_count(loaded) == fused_norm_count(model)
+    assert torch.equal(logits(loaded, ids), logits(model, ids))
+    loaded(input_ids=ids, labels=ids).loss.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in loaded.parameters())

@@ -136,45 +136,79 @@ def _agrees_with_module(module: nn.Module, spec: _Spec) -> str | None:
     return None
 
 
+# What torchgc leaves on a model is objects, not closures: a deep copy (TRL's reference model, an
+# EMA copy) then points at its own modules, parameters and hooks through deepcopy's memo, and a
+# pickled model loads.
+
+
 @dataclass
 class _Fused:
     spec: _Spec
-    original_forward: object  # the instance attribute that was there, or None
+    original_forward: object  # the instance attribute `forward` that was there, or None
 
 
-def _fused_forward(module: nn.Module, spec: _Spec, fallback):
-    def forward(hidden_states, *args, **kwargs):
+class _FusedForward:
+    """A norm module's forward through the fused op; anything the op does not take (extra
+    arguments, other dtypes, empty input) goes to the module's own forward."""
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+
+    def __call__(self, hidden_states, *args, **kwargs):
+        module = self.module
+        state = getattr(module, _STATE)
         weight = module.weight
-        bias = getattr(module, "bias", None) if spec.kind == "layer" else None
+        bias = getattr(module, "bias", None) if state.spec.kind == "layer" else None
         usable = (
             not args and not kwargs and isinstance(hidden_states, torch.Tensor)
             and hidden_states.dtype in _FUSED_DTYPES and weight.dtype in (torch.float32, hidden_states.dtype)
             and (bias is None or bias.dtype == weight.dtype) and hidden_states.numel() > 0
         )
         if not usable:
+            fallback = state.original_forward if state.original_forward is not None else type(module).forward.__get__(module)
             return fallback(hidden_states, *args, **kwargs)
-        return _fused_call(module, spec, hidden_states)
+        return _fused_call(module, state.spec, hidden_states)
 
-    return forward
+
+@dataclass
+class _RestoreForward:
+    module: nn.Module
+
+    def __call__(self):
+        state = self.module.__dict__.pop(_STATE)
+        if state.original_forward is None:
+            del self.module.forward
+        else:
+            self.module.forward = state.original_forward
+
+
+@dataclass
+class _RestoreDtypes:
+    changed: list  # (parameter, its dtype before the upcast)
+
+    def __call__(self):
+        for p, dtype in self.changed:
+            p.data = p.data.to(dtype)
+            if p.grad is not None:
+                p.grad = p.grad.to(dtype)
+
+
+@dataclass
+class _RemoveLogitsHook:
+    head: nn.Module
+    hook: object  # torch.utils.hooks.RemovableHandle
+
+    def __call__(self):
+        self.hook.remove()
+        del self.head._torchgc_fp32_logits
 
 
 def _patch_forward(module: nn.Module, spec: _Spec, patch: NormPatch, name: str) -> None:
     if getattr(module, _STATE, None) is not None:
         return  # already routed through the fused op (an earlier call owns the undo)
-    had_instance_forward = "forward" in module.__dict__
-    original = module.__dict__.get("forward")
-    fallback = original if had_instance_forward else type(module).forward.__get__(module)
-    module.forward = _fused_forward(module, spec, fallback)
-    setattr(module, _STATE, _Fused(spec, original))
-
-    def undo():
-        if had_instance_forward:
-            module.forward = original
-        else:
-            del module.forward
-        delattr(module, _STATE)
-
-    patch._undo.append(undo)
+    setattr(module, _STATE, _Fused(spec, module.__dict__.get("forward")))
+    module.forward = _FusedForward(module)
+    patch._undo.append(_RestoreForward(module))
     patch.fused.append(name)
 
 
@@ -185,17 +219,9 @@ def _upcast_weights(module: nn.Module, patch: NormPatch, name: str) -> None:
         if isinstance(p, nn.Parameter) and p.is_floating_point() and p.dtype != torch.float32:
             changed.append((p, p.dtype))
             p.data = p.data.float()
-    if not changed:
-        return
-
-    def undo():
-        for p, dtype in changed:
-            p.data = p.data.to(dtype)
-            if p.grad is not None:
-                p.grad = p.grad.to(dtype)
-
-    patch._undo.append(undo)
-    patch.upcast.append(name)
+    if changed:
+        patch._undo.append(_RestoreDtypes(changed))
+        patch.upcast.append(name)
 
 
 def _apply(model: nn.Module, upcast: bool) -> NormPatch:
@@ -229,6 +255,10 @@ def upcast_layernorm(model: nn.Module) -> NormPatch:
     return _apply(model, upcast=True)
 
 
+def _logits_to_fp32(_module, _args, output):
+    return output.float()
+
+
 def upcast_lmhead_output(model: nn.Module) -> NormPatch:
     """fp32 logits through a forward hook on the output embedding, when that is an nn.Linear
     whose weight is not fp32 already."""
@@ -238,16 +268,8 @@ def upcast_lmhead_output(model: nn.Module) -> NormPatch:
     if not isinstance(head, nn.Linear) or head.weight.dtype == torch.float32 or getattr(head, "_torchgc_fp32_logits", False):
         return patch
 
-    def to_fp32(_module, _args, output):
-        return output.float()
-
-    hook = head.register_forward_hook(to_fp32)
+    hook = head.register_forward_hook(_logits_to_fp32)
     head._torchgc_fp32_logits = True
-
-    def undo():
-        hook.remove()
-        del head._torchgc_fp32_logits
-
-    patch._undo.append(undo)
+    patch._undo.append(_RemoveLogitsHook(head, hook))
     patch.hooked.append("output_embeddings")
     return patch
