@@ -84,7 +84,8 @@ def _launch(command, cwd, env=None):
 
 def test_launcher_runs_an_unmodified_script_through_torchgc(script, tmp_path):
     report_path = tmp_path / "report.json"
-    command = [sys.executable, "-m", "torchgc", "run", "--strategy", "offload", "--no-prefetch", str(script), str(report_path), str(tmp_path / "out")]
+    command = [sys.executable, "-m", "torchgc", "run", "--strategy", "offload", "--no-prefetch", "--max-host-bytes", "64MiB",
+               str(script), str(report_path), str(tmp_path / "out")]
     done = _launch(command, cwd=tmp_path.parent)
     assert done.returncode == 0, done.stderr[-4000:]
     report = json.loads(report_path.read_text())
@@ -92,6 +93,7 @@ def test_launcher_runs_an_unmodified_script_through_torchgc(script, tmp_path):
     assert report["argv"] == [str(script), str(report_path), str(tmp_path / "out")]
     assert report["function"] == "torchgc.strategies.checkpoint"
     assert report["keywords"]["strategy"] == "offload" and report["keywords"]["prefetch"] is False
+    assert report["keywords"]["max_host_bytes"] == 64 * 2**20
     assert report["calls"] == 2, "each of the two layers should checkpoint through torchgc once"
 
 
@@ -131,18 +133,29 @@ def test_parser_passes_the_script_arguments_through_untouched():
 
 def test_run_module_mode(tmp_path, monkeypatch):
     (tmp_path / "tgc_probe_module.py").write_text(
-        "import sys, transformers\n"
+        "import json, sys, transformers\n"
         "from transformers import PreTrainedModel\n"
-        "open(sys.argv[1], 'w').write(PreTrainedModel.gradient_checkpointing_enable.__module__ + ' ' + __name__)\n"
+        "report = [PreTrainedModel.gradient_checkpointing_enable.__module__, __name__, sys.argv]\n"
+        "open(sys.argv[1], 'w').write(json.dumps(report))\n"
     )
     monkeypatch.syspath_prepend(str(tmp_path))
-    out = tmp_path / "out.txt"
+    out = tmp_path / "out.json"
     saved_argv = list(sys.argv)
+    # Options after the module name are the module's, even ones torchgc run has itself.
+    module_args = [str(out), "--verbose", "--strategy", "mine", "-m", "x"]
     try:
-        assert cli.main(["run", "-m", "tgc_probe_module", str(out)]) == 0
+        assert cli.main(["run", "--strategy", "checkpoint", "-m", "tgc_probe_module", *module_args]) == 0
     finally:
         sys.argv[:] = saved_argv
         import torchgc
 
         torchgc.unpatch()
-    assert out.read_text() == "torchgc.patching __main__"
+    enable_module, name, argv = json.loads(out.read_text())
+    assert (enable_module, name) == ("torchgc.patching", "__main__")
+    assert argv == [str(tmp_path / "tgc_probe_module.py"), *module_args]  # argv[0] as `python -m` sets it
+
+
+def test_run_without_a_program_says_what_to_give():
+    for argv, message in ((["run", "-m"], "-m needs a module name"), (["run", "--strategy", "auto"], "give a script to run, or -m MODULE")):
+        with pytest.raises(SystemExit, match=message):
+            cli.main(argv)

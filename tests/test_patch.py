@@ -339,6 +339,8 @@ def test_selective_checkpointing_wrapper_of_trl_reaches_torchgc(checkpoint_calls
         (dict(strategy="fast"), ["torchgc.patch()", "argument 'strategy'", "'auto', 'checkpoint', 'offload'", "got 'fast'"]),
         (dict(use_reentrant="yes"), ["torchgc.patch()", "argument 'use_reentrant'", "True, False or None", "got 'yes'"]),
         (dict(min_offload_bytes=-1), ["torchgc.patch()", "argument 'min_offload_bytes'", "int >= 0", "got -1"]),
+        (dict(max_host_bytes=1.5), ["torchgc.patch()", "argument 'max_host_bytes'", "an int >= 0 or a size such as '8GiB'", "got 1.5"]),
+        (dict(max_host_bytes="lots"), ["torchgc.patch()", "argument 'max_host_bytes'", "a size such as '8GiB'", "got 'lots'"]),
         (dict(prefetch=1), ["torchgc.patch()", "argument 'prefetch'", "True or False", "got 1"]),
     ],
 )
@@ -356,7 +358,8 @@ def test_bad_patch_arguments_raise_and_leave_nothing_applied(arguments, fragment
     [
         ("TORCHGC_STRATEGY", "fast", "one of 'auto', 'checkpoint', 'offload'"),
         ("TORCHGC_USE_REENTRANT", "maybe", "one of 1, true, yes, on, 0, false, no, off, auto"),
-        ("TORCHGC_MIN_OFFLOAD_BYTES", "1MB", "non-negative integer"),
+        ("TORCHGC_MIN_OFFLOAD_BYTES", "1 lot", "non-negative integer, a size such as '8GiB', or 'none'"),
+        ("TORCHGC_MAX_HOST_BYTES", "1.5", "non-negative integer, a size such as '8GiB', or 'none'"),
         ("TORCHGC_FUSED_NORM", "2", "one of 1, true"),
     ],
 )
@@ -370,6 +373,25 @@ def test_bad_environment_variables_raise(monkeypatch, variable, value, fragment)
     assert not tgc_patch.is_patched()
 
 
+@pytest.mark.parametrize(
+    "text, nbytes",
+    [("4096", 4096), ("512MiB", 512 * 2**20), ("8GiB", 8 * 2**30), ("1.5GB", 1_500_000_000), ("2 kib", 2048), ("64B", 64), ("3k", 3000)],
+)
+def test_byte_options_take_sizes_with_units(monkeypatch, text, nbytes):
+    monkeypatch.setenv("TORCHGC_MAX_HOST_BYTES", text)
+    assert torchgc.patch().max_host_bytes == nbytes
+    assert torchgc.patch(min_offload_bytes=text).min_offload_bytes == nbytes
+
+
+def test_max_host_bytes_reaches_the_layers_checkpoint_function():
+    torchgc.patch(strategy="offload", max_host_bytes="1GiB")
+    model = build("llama", layers=2)
+    model.gradient_checkpointing_enable()
+    assert layer_func(model).keywords["max_host_bytes"] == 2**30
+    model.gradient_checkpointing_enable({"max_host_bytes": 0})
+    assert layer_func(model).keywords["max_host_bytes"] == 0
+
+
 def test_environment_values_are_parsed(monkeypatch):
     monkeypatch.setenv("TORCHGC_STRATEGY", " Offload ")
     monkeypatch.setenv("TORCHGC_USE_REENTRANT", "auto")
@@ -377,6 +399,38 @@ def test_environment_values_are_parsed(monkeypatch):
     monkeypatch.setenv("TORCHGC_ONLY_TRAINABLE", "0")
     options = torchgc.patch()
     assert (options.strategy, options.use_reentrant, options.prefetch, options.only_trainable) == ("offload", None, False, False)
+
+
+def test_an_unknown_torchgc_variable_warns_once_naming_the_close_match(monkeypatch):
+    monkeypatch.setenv("TORCHGC_FUSED_NORMS", "1")
+    monkeypatch.setattr(torchgc.config, "_warned_unknown", set())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torchgc.patch()
+        torchgc.patch()
+        build("llama", layers=2).gradient_checkpointing_enable()
+    messages = [str(w.message) for w in caught if "TORCHGC_FUSED_NORMS" in str(w.message)]
+    assert len(messages) == 1, messages
+    assert "is not one torchgc reads; did you mean TORCHGC_FUSED_NORM?" in messages[0]
+
+
+def test_patch_without_transformers_names_it_and_changes_nothing():
+    code = (
+        "import sys; sys.modules['transformers'] = None  # as if it were not installed\n"
+        "import torch, torchgc\n"
+        "try:\n"
+        "    torchgc.patch(strategy='checkpoint')\n"
+        "except ImportError as exc:\n"
+        "    message = str(exc)\n"
+        "assert 'torchgc.patch(): patching needs transformers' in message and 'pip install transformers' in message, message\n"
+        "assert not torchgc.patching.is_patched()\n"
+        "torchgc.unpatch()\n"
+        "layer = torch.nn.Linear(4, 4)\n"
+        "torchgc.checkpoint(layer, torch.randn(2, 4, requires_grad=True), strategy='checkpoint').sum().backward()\n"
+        "assert layer.weight.grad is not None\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
 
 
 def test_a_failed_repatch_keeps_the_previous_options():

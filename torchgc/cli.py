@@ -18,7 +18,7 @@ def _add_patch_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--strategy", choices=config.STRATEGIES, help="checkpointing strategy (default: auto)")
     flags = {
         "use_reentrant": "reentrant checkpointing (default: as the installed transformers)",
-        "only_trainable": "call layers with no trainable parameter directly (default: on)",
+        "only_trainable": "call layers whose parameters are all frozen directly (default: on)",
         "prefetch": "reload offloaded inputs ahead of use (default: on)",
         "upcast_layernorm": "norm weights in fp32 (default: off)",
         "fused_norm": "fused fp32 norm kernels (default: off)",
@@ -26,7 +26,9 @@ def _add_patch_options(parser: argparse.ArgumentParser) -> None:
     }
     for name, help_text in flags.items():
         group.add_argument("--" + name.replace("_", "-"), dest=name, action=argparse.BooleanOptionalAction, help=help_text)
-    group.add_argument("--min-offload-bytes", dest="min_offload_bytes", type=int, metavar="N", help="smallest input to offload")
+    # Sizes stay text here: torchgc.patch() parses "2MiB" and names the option when it cannot.
+    group.add_argument("--min-offload-bytes", dest="min_offload_bytes", metavar="SIZE", help="smallest input to offload (default: 2MiB)")
+    group.add_argument("--max-host-bytes", dest="max_host_bytes", metavar="SIZE", help="stop offloading while this much host memory is in use (default: no cap)")
 
 
 def _add_run(subparsers) -> None:
@@ -37,8 +39,9 @@ def _add_run(subparsers) -> None:
         "so an unmodified training script checkpoints through torchgc.",
     )
     _add_patch_options(parser)
-    parser.add_argument("-m", dest="module", metavar="MODULE", help="run a module, as python -m does")
-    parser.add_argument("target", metavar="script.py | args", help="the script to run (with -m: its first argument)", nargs="?")
+    # As with `python -m`, everything after the script or after `-m MODULE` is the program's own.
+    parser.add_argument("-m", dest="module", nargs=argparse.REMAINDER, metavar="MODULE ...", help="run a module, as python -m does")
+    parser.add_argument("target", metavar="script.py", help="the script to run", nargs="?")
     parser.add_argument("args", nargs=argparse.REMAINDER, help="the script's arguments")
     parser.set_defaults(handler=_run)
 
@@ -48,14 +51,16 @@ def _run(args: argparse.Namespace) -> int:
 
     options = {name: getattr(args, name) for name in config.OPTION_NAMES}
     torchgc.patch(**options)
-    rest = ([args.target] if args.target is not None else []) + list(args.args)
     if args.module is not None:
-        sys.argv = [args.module, *rest]
-        runpy.run_module(args.module, run_name="__main__", alter_sys=True)
+        if not args.module:
+            raise SystemExit("torchgc run: -m needs a module name, as in: torchgc run -m MODULE [args ...]")
+        module, *module_args = args.module
+        sys.argv = [module, *module_args]
+        runpy.run_module(module, run_name="__main__", alter_sys=True)
         return 0
-    if not rest:
+    if args.target is None:
         raise SystemExit("torchgc run: give a script to run, or -m MODULE")
-    script, script_args = rest[0], rest[1:]
+    script, script_args = args.target, list(args.args)
     if not os.path.exists(script):
         raise SystemExit(f"torchgc run: no such script: {script}")
     sys.argv = [script, *script_args]

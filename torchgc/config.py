@@ -7,7 +7,10 @@ that names the function, the argument, what was expected and what was given.
 """
 
 import dataclasses
+import difflib
 import os
+import re
+import warnings
 from typing import Any, Callable, Mapping, Optional
 
 STRATEGIES = ("auto", "checkpoint", "offload")
@@ -26,6 +29,7 @@ class Options:
     only_trainable: bool = True
     prefetch: bool = True
     min_offload_bytes: Optional[int] = None  # None: torchgc.checkpoint's default
+    max_host_bytes: Optional[int] = None  # None: no cap on the host memory offloading uses
     upcast_layernorm: bool = False
     fused_norm: bool = False
     upcast_lmhead_output: bool = False
@@ -37,6 +41,23 @@ DEFAULTS = Options()
 
 def env_var(name: str) -> str:
     return "TORCHGC_" + name.upper()
+
+
+# Read by setup.py when torchgc is built, not here.
+BUILD_VARIABLES = ("TORCHGC_CUDA", "TORCHGC_BUILD_TESTS", "TORCHGC_SANITIZE", "TORCHGC_BUILD_DIR")
+_warned_unknown = set()
+
+
+def _warn_unknown_variables(environ: Mapping[str, str]) -> None:
+    """One warning per TORCHGC_* variable torchgc does not read (a typo silently does nothing)."""
+    known = [env_var(name) for name in OPTION_NAMES] + list(BUILD_VARIABLES)
+    for name in sorted(environ):
+        if name.startswith("TORCHGC_") and name not in known and name not in _warned_unknown:
+            _warned_unknown.add(name)
+            close = difflib.get_close_matches(name, known, n=1)
+            hint = f"did you mean {close[0]}? " if close else ""
+            warnings.warn(f"torchgc: the environment variable {name} is not one torchgc reads; {hint}"
+                          f"torchgc reads {', '.join(known)}", stacklevel=3)
 
 
 def _choice(value: Any) -> Optional[str]:
@@ -54,7 +75,23 @@ def _optional_boolean(value: Any) -> Optional[str]:
 def _byte_count(value: Any) -> Optional[str]:
     if value is None or (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
         return None
-    return "None or an int >= 0"
+    return "None, an int >= 0 or a size such as '8GiB'"
+
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d*)?)\s*([KMGT]i?)?B?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12, "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
+
+
+def parse_size(text: str) -> Optional[int]:
+    """Bytes from "4096", "512MiB", "8GiB", "1.5GB" (KiB/MiB/GiB/TiB are powers of 1024, KB/MB/GB/TB
+    of 1000); None when `text` is not a size."""
+    match = _SIZE.match(text)
+    if match is None:
+        return None
+    number, unit = match.group(1), _UNITS[(match.group(2) or "").lower()]
+    if unit == 1 and "." in number:
+        return None  # a fraction of a byte
+    return int(float(number) * unit)
 
 
 # option -> check returning what was expected when the value is invalid, else None
@@ -64,6 +101,7 @@ _CHECKS: Mapping[str, Callable[[Any], Optional[str]]] = {
     "only_trainable": _boolean,
     "prefetch": _boolean,
     "min_offload_bytes": _byte_count,
+    "max_host_bytes": _byte_count,
     "upcast_layernorm": _boolean,
     "fused_norm": _boolean,
     "upcast_lmhead_output": _boolean,
@@ -73,6 +111,8 @@ _CHECKS: Mapping[str, Callable[[Any], Optional[str]]] = {
 def check(function: str, name: str, value: Any, *, where: Optional[str] = None) -> Any:
     """Returns ``value`` if valid for option ``name``, else raises ValueError. ``where`` names the
     argument as the caller sees it (default: ``argument 'name'``)."""
+    if _CHECKS[name] is _byte_count and isinstance(value, str):
+        value = parse_size(value) if parse_size(value) is not None else value
     expected = _CHECKS[name](value)
     if expected is not None:
         where = where or f"argument {name!r}"
@@ -85,12 +125,12 @@ def _parse_env(function: str, name: str, text: str) -> Any:
     word = text.strip().lower()
     if name == "strategy":
         return check(function, name, word, where=where)
-    if name == "min_offload_bytes":
+    if _CHECKS[name] is _byte_count:
         if word in ("", "none", "default"):
             return None
-        if not word.isdigit():
-            raise ValueError(f"{function}: {where} must be a non-negative integer or 'none'; got {text!r}")
-        return int(word)
+        if parse_size(word) is None:
+            raise ValueError(f"{function}: {where} must be a non-negative integer, a size such as '8GiB', or 'none'; got {text!r}")
+        return parse_size(word)
     if name == "use_reentrant" and word in ("", "none", "auto", "default"):
         return None
     if word in _TRUE:
@@ -104,6 +144,7 @@ def _parse_env(function: str, name: str, text: str) -> Any:
 def resolve(function: str, given: Mapping[str, Any], environ: Optional[Mapping[str, str]] = None) -> Options:
     """Options from ``given`` (None entries mean not given), then the environment, then defaults."""
     environ = os.environ if environ is None else environ
+    _warn_unknown_variables(environ)
     unknown = set(given) - set(OPTION_NAMES)
     if unknown:
         raise ValueError(f"{function}: unknown option(s) {sorted(unknown)}; valid options are {', '.join(OPTION_NAMES)}")

@@ -21,8 +21,13 @@ _options: Optional[config.Options] = None
 
 
 def _pretrained_model_class():
-    from transformers import PreTrainedModel
-
+    try:
+        from transformers import PreTrainedModel
+    except ImportError as exc:
+        raise ImportError(
+            f"torchgc.patch(): patching needs transformers, which failed to import ({exc}); install it "
+            "(pip install transformers), or call torchgc.checkpoint(layer, *args) yourself, which needs no transformers"
+        ) from exc
     return PreTrainedModel
 
 
@@ -43,7 +48,7 @@ def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None, **kw
     """Activates gradient checkpointing through torchgc.checkpoint.
 
     gradient_checkpointing_kwargs may hold torchgc's options (strategy, use_reentrant,
-    only_trainable, prefetch, min_offload_bytes, upcast_layernorm, fused_norm,
+    only_trainable, prefetch, min_offload_bytes, max_host_bytes, upcast_layernorm, fused_norm,
     upcast_lmhead_output) and torch.utils.checkpoint's (preserve_rng_state, context_fn, ...).
     None or {} keeps the configuration of the previous enable, or torchgc.patch()'s.
     """
@@ -100,13 +105,15 @@ def patch(
     upcast_lmhead_output: Optional[bool] = None,
     prefetch: Optional[bool] = None,
     min_offload_bytes: Optional[int] = None,
+    max_host_bytes: Optional[int] = None,
 ) -> config.Options:
     """Routes every transformers model's gradient_checkpointing_enable through torchgc.
 
     An argument left at None comes from its TORCHGC_* environment variable, else its default:
     strategy "auto", use_reentrant as the installed transformers (True before 5.0, False from
-    5.0), only_trainable True, prefetch True, min_offload_bytes torchgc.checkpoint's default, the
-    norm options False. Calling patch() again only updates the options. Returns them.
+    5.0), only_trainable True, prefetch True, min_offload_bytes torchgc.checkpoint's default (2 MiB),
+    max_host_bytes no cap, the norm options False. The byte counts also take sizes such as "8GiB".
+    Calling patch() again only updates the options. Returns them.
     """
     global _options
     given = dict(
@@ -118,6 +125,7 @@ def patch(
         upcast_lmhead_output=upcast_lmhead_output,
         prefetch=prefetch,
         min_offload_bytes=min_offload_bytes,
+        max_host_bytes=max_host_bytes,
     )
     options = config.resolve("torchgc.patch()", given)
     if any(getattr(options, name) for name in hf.NORM_OPTIONS):

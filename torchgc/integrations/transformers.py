@@ -131,6 +131,7 @@ def enable(
         only_trainable=options.only_trainable,
         prefetch=options.prefetch,
         min_offload_bytes=options.min_offload_bytes,
+        max_host_bytes=options.max_host_bytes,
         **forwarded,
     )
     if old_format:
