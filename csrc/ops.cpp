@@ -8,7 +8,7 @@ namespace {
 
 std::vector<int64_t> host_pool_stats() {
   const auto s = HostPool::instance().stats();
-  return {s.reserved_bytes, s.in_use_bytes, s.limit_bytes, s.pinned_fallbacks};
+  return {s.reserved_bytes, s.in_use_bytes, s.limit_bytes, s.pinned_fallbacks, s.cached_bytes};
 }
 
 void set_host_pool_limit(int64_t bytes) { HostPool::instance().set_limit(bytes); }
@@ -42,7 +42,8 @@ TORCH_LIBRARY(torchgc, m) {
   m.def("reload(Tensor host, Device device) -> Tensor");
   m.def("wait(Tensor(a!) x) -> ()");
 
-  // Host pool bookkeeping: [reserved_bytes, in_use_bytes, limit_bytes, pinned_fallbacks].
+  // Host pool bookkeeping: [reserved_bytes, in_use_bytes, limit_bytes, pinned_fallbacks, cached_bytes].
+  // set_host_pool_limit caps the cached bytes; -1 is the automatic limit (the peak in use).
   m.def("host_pool_stats() -> int[]", &torchgc::host_pool_stats);
   m.def("set_host_pool_limit(int bytes) -> ()", &torchgc::set_host_pool_limit);
   m.def("empty_host_pool() -> ()", &torchgc::empty_host_pool);

@@ -86,11 +86,25 @@ def test_host_pool_limit_and_stats():
     held = [ops.offload(torch.randn(1024)) for _ in range(4)]
     assert ops.host_pool_stats().in_use_bytes == before.in_use_bytes + 4 * 4096
     del held
-    assert ops.host_pool_stats().reserved_bytes >= before.reserved_bytes + 4 * 4096
+    after = ops.host_pool_stats()
+    assert after.reserved_bytes >= before.reserved_bytes + 4 * 4096
+    assert after.cached_bytes == 4 * 4096 and after.limit_bytes >= 4 * 4096  # the automatic limit: the peak in use
     ops.set_host_pool_limit(4096)
     try:
-        assert ops.host_pool_stats().reserved_bytes <= max(4096, ops.host_pool_stats().in_use_bytes)
-        with pytest.raises(RuntimeError, match=r"torchgc::set_host_pool_limit: expected argument 'bytes' >= 0 .*got -5"):
-            ops.set_host_pool_limit(-5)
+        stats = ops.host_pool_stats()
+        assert stats.cached_bytes <= 4096 and stats.limit_bytes == 4096
+        with pytest.raises(RuntimeError, match=r"torchgc::set_host_pool_limit: expected argument 'bytes' >= 0, or -1 for the automatic limit, got -5"):
+            torch.ops.torchgc.set_host_pool_limit.default(-5)
     finally:
-        ops.set_host_pool_limit(0)
+        ops.set_host_pool_limit(None)
+    assert ops.host_pool_stats().limit_bytes >= 4 * 4096
+
+
+@pytest.mark.parametrize("nbytes", [1.5, 2**70, -1, True, "8GiB"])
+def test_set_host_pool_limit_rejects_what_is_not_a_byte_count(nbytes):
+    limit = ops.host_pool_stats().limit_bytes
+    with pytest.raises(ValueError) as error:
+        ops.set_host_pool_limit(nbytes)
+    assert str(error.value) == (f"torchgc.ops.set_host_pool_limit: argument 'nbytes' must be None or an int from 0 to 2**63 - 1; "
+                                f"got {nbytes!r}")
+    assert ops.host_pool_stats().limit_bytes == limit

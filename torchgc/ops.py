@@ -7,7 +7,7 @@ how to rebuild.
 """
 
 import threading
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -44,10 +44,11 @@ def _op(name: str):
 
 
 class HostPoolStats(NamedTuple):
-    reserved_bytes: int
-    in_use_bytes: int
-    limit_bytes: int
-    pinned_fallbacks: int
+    reserved_bytes: int  # pageable host bytes the pool holds, in use or cached
+    in_use_bytes: int  # bytes of live offloaded host tensors, pageable and pinned
+    limit_bytes: int  # the cap on cached bytes in force
+    pinned_fallbacks: int  # times pinning failed and pageable memory was used instead
+    cached_bytes: int  # pageable bytes kept for reuse, in use by no tensor
 
 
 def offload(x: torch.Tensor) -> torch.Tensor:
@@ -67,15 +68,24 @@ def wait(x: torch.Tensor) -> None:
 
 
 def host_pool_stats() -> HostPoolStats:
+    """What the host pool of pageable offload memory holds (pinned CUDA memory is torch's caching
+    host allocator's, and counts only in in_use_bytes)."""
     return HostPoolStats(*_op("host_pool_stats")())
 
 
-def set_host_pool_limit(nbytes: int) -> None:
-    """Caps the pageable host bytes the pool keeps cached (0: no cap)."""
-    _op("set_host_pool_limit")(int(nbytes))
+def set_host_pool_limit(nbytes: Optional[int]) -> None:
+    """Caps the pageable host bytes the pool keeps cached for reuse while no tensor uses them:
+    an int >= 0 (0 caches nothing), or None for the automatic limit, the default: as many bytes as
+    were ever in use at once, so a steady training step reuses every block and the pool holds at
+    most twice its peak. Blocks beyond the cap go back to the OS, least recently used first."""
+    if nbytes is not None and (isinstance(nbytes, bool) or not isinstance(nbytes, int) or not 0 <= nbytes < 2**63):
+        raise ValueError(f"torchgc.ops.set_host_pool_limit: argument 'nbytes' must be None or an int from 0 to 2**63 - 1; got {nbytes!r}")
+    _op("set_host_pool_limit")(-1 if nbytes is None else nbytes)
 
 
 def empty_host_pool() -> None:
+    """Returns every cached block to the OS (in-use blocks follow when their tensors are freed), and
+    restarts the automatic limit's peak from the bytes in use now."""
     _op("empty_host_pool")()
 
 
