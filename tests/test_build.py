@@ -1,5 +1,6 @@
 """The build: every op has its kernels in the dispatcher, and the library matches torch."""
 
+import importlib.machinery
 import os
 import shutil
 import subprocess
@@ -80,6 +81,22 @@ def test_mismatched_torch_version_names_cause_and_fix():
 def test_missing_library_names_cause_and_fix(monkeypatch, tmp_path):
     monkeypatch.setattr(_library, "_PACKAGE_DIR", tmp_path)
     with pytest.raises(ImportError, match=r"op library .* is missing .*Build it with: pip install"):
+        _library.load()
+
+
+def test_a_library_that_needs_a_missing_one_names_it(monkeypatch, tmp_path):
+    # As a library built with CUDA under a CPU-only torch: the loader cannot find a library it links to.
+    (tmp_path / "dep.c").write_text("int torchgc_test_dependency(void) { return 1; }\n")
+    (tmp_path / "lib.c").write_text("int torchgc_test_dependency(void);\nint torchgc_test_entry(void) { return torchgc_test_dependency(); }\n")
+    subprocess.run(["gcc", "-shared", "-fPIC", "-o", str(tmp_path / "libtorchgc_gone.so"), str(tmp_path / "dep.c")], check=True)
+    package = tmp_path / "package"
+    package.mkdir()
+    suffix = importlib.machinery.EXTENSION_SUFFIXES[0]
+    subprocess.run(["gcc", "-shared", "-fPIC", "-o", str(package / f"_C{suffix}"), str(tmp_path / "lib.c"), f"-L{tmp_path}",
+                    "-ltorchgc_gone", f"-Wl,-rpath,{tmp_path}"], check=True)
+    (tmp_path / "libtorchgc_gone.so").unlink()
+    monkeypatch.setattr(_library, "_PACKAGE_DIR", package)
+    with pytest.raises(ImportError, match=r"failed: it needs libtorchgc_gone\.so, which is not installed .*rebuild with: pip install --no-build-isolation"):
         _library.load()
 
 

@@ -2,6 +2,7 @@
 load() once, on the first use of an op)."""
 
 import importlib.machinery
+import re
 from pathlib import Path
 from typing import NamedTuple
 
@@ -38,6 +39,18 @@ def check_torch_version(info: BuildInfo, running: str) -> None:
         )
 
 
+def _load_failure(exc: OSError) -> str:
+    """What the dynamic loader said, which torch.ops.load_library keeps only as the cause."""
+    said = str(exc.__cause__ or exc)
+    missing = re.search(r"([\w.+-]+\.so[\w.]*): cannot open shared object file", said)
+    if missing:
+        # A CPU-only torch lacks the CUDA libraries a library built with CUDA links to, for one.
+        return (f"it needs {missing.group(1)}, which is not installed or not on the loader's path; the torch installed "
+                f"now is probably not the one torchgc was built with ({said})")
+    # An undefined symbol almost always means another torch was installed since.
+    return said
+
+
 def load() -> BuildInfo:
     """Loads the op library and returns what it was built against; raises ImportError naming the
     cause and the rebuild command."""
@@ -45,8 +58,7 @@ def load() -> BuildInfo:
     try:
         torch.ops.load_library(str(path))
     except OSError as exc:
-        # An undefined symbol here almost always means another torch was installed since.
-        raise ImportError(f"torchgc: loading {path} failed ({exc}); rebuild with: {_REBUILD}") from exc
+        raise ImportError(f"torchgc: loading {path} failed: {_load_failure(exc)}; rebuild with: {_REBUILD}") from exc
     version, backends, archs, parallel = torch.ops.torchgc.build_info.default()
     info = BuildInfo(version, backends == "cuda", archs, parallel)
     check_torch_version(info, torch.__version__)
