@@ -136,10 +136,14 @@ def _rms_norm_fake(x, weight, eps, offset, llama_cast, fp32_output):
     return y, x.new_empty(x.shape[:-1], dtype=math)
 
 
+def _masked_grads(output_mask, *likes):
+    return tuple(t.new_empty(t.shape) if wanted else None for wanted, t in zip(output_mask, likes))
+
+
 @torch.library.register_fake("torchgc::rms_norm_backward")
-def _rms_norm_backward_fake(grad_y, x, weight, rstd, offset, llama_cast):
+def _rms_norm_backward_fake(grad_y, x, weight, rstd, offset, llama_cast, output_mask):
     _check_norm_backward("rms_norm_backward", grad_y, x, weight, rstd=rstd)
-    return x.new_empty(x.shape), weight.new_empty(weight.shape)
+    return _masked_grads(output_mask, x, weight)
 
 
 @torch.library.register_fake("torchgc::layer_norm")
@@ -150,14 +154,15 @@ def _layer_norm_fake(x, weight, bias, eps, fp32_output):
 
 
 @torch.library.register_fake("torchgc::layer_norm_backward")
-def _layer_norm_backward_fake(grad_y, x, weight, mean, rstd):
+def _layer_norm_backward_fake(grad_y, x, weight, mean, rstd, output_mask):
     _check_norm_backward("layer_norm_backward", grad_y, x, weight, mean=mean, rstd=rstd)
-    return x.new_empty(x.shape), weight.new_empty(weight.shape), weight.new_empty(weight.shape)
+    return _masked_grads(output_mask, x, weight, weight)
 
 
 # mean and rstd are saved statistics, not differentiable outputs: their incoming gradients are
 # ignored (they are always zero or None unless a caller differentiates through them, which the
-# wrappers above never expose).
+# wrappers above never expose). The backward ops compute only the gradients needs_input_grad
+# asks for: under LoRA the norm weights are frozen, and their reduction is skipped.
 def _rms_norm_setup(ctx, inputs, output):
     x, weight, _eps, offset, llama_cast, _fp32_output = inputs
     _, rstd = output
@@ -167,21 +172,23 @@ def _rms_norm_setup(ctx, inputs, output):
 
 def _rms_norm_backward(ctx, grad_y, _grad_rstd):
     x, weight, rstd = ctx.saved_tensors
-    dx, dweight = torch.ops.torchgc.rms_norm_backward.default(grad_y, x, weight, rstd, ctx.offset, ctx.llama_cast)
+    dx, dweight = torch.ops.torchgc.rms_norm_backward.default(grad_y, x, weight, rstd, ctx.offset, ctx.llama_cast,
+                                                              list(ctx.needs_input_grad[:2]))
     return dx, dweight, None, None, None, None
 
 
 def _layer_norm_setup(ctx, inputs, output):
-    x, weight, bias, _eps, _fp32_output = inputs
+    x, weight, _bias, _eps, _fp32_output = inputs
     _, mean, rstd = output
     ctx.save_for_backward(x, weight, mean, rstd)
-    ctx.has_bias = bias is not None
 
 
 def _layer_norm_backward(ctx, grad_y, _grad_mean, _grad_rstd):
     x, weight, mean, rstd = ctx.saved_tensors
-    dx, dweight, dbias = torch.ops.torchgc.layer_norm_backward.default(grad_y, x, weight, mean, rstd)
-    return dx, dweight, dbias if ctx.has_bias else None, None, None
+    # needs_input_grad is False for a None bias, so dbias is only computed for a real one.
+    dx, dweight, dbias = torch.ops.torchgc.layer_norm_backward.default(grad_y, x, weight, mean, rstd,
+                                                                       list(ctx.needs_input_grad[:3]))
+    return dx, dweight, dbias, None, None
 
 
 torch.library.register_autograd("torchgc::rms_norm", _rms_norm_backward, setup_context=_rms_norm_setup)

@@ -107,6 +107,16 @@ at::Tensor norm_row_stats(const at::Tensor& x, at::ScalarType math) {
 // A parameter as the kernels read it: contiguous, in the math dtype.
 at::Tensor norm_param(const at::Tensor& p, at::ScalarType math) { return p.to(math).contiguous(); }
 
+// A backward output: allocated when the mask asks for it, else undefined (None in Python).
+at::Tensor grad_output(bool wanted, at::IntArrayRef sizes, const at::TensorOptions& options) {
+  return wanted ? at::empty(sizes, options) : at::Tensor();
+}
+
+// dweight or dbias in the weight's dtype, or undefined when it was not asked for.
+at::Tensor param_grad(const at::Tensor& g, const at::Tensor& weight) {
+  return g.defined() ? g.to(weight.scalar_type()) : g;
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> rms_norm_with(const NormKernels& kernels, const at::Tensor& x,
@@ -123,14 +133,15 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_with(const NormKernels& kernels, con
 
 std::tuple<at::Tensor, at::Tensor> rms_norm_backward_with(const NormKernels& kernels, const at::Tensor& grad_y,
                                                           const at::Tensor& x, const at::Tensor& weight,
-                                                          const at::Tensor& rstd, double offset, bool llama_cast) {
+                                                          const at::Tensor& rstd, double offset, bool llama_cast,
+                                                          std::array<bool, 2> output_mask) {
   const auto math = check_norm_backward("rms_norm_backward", grad_y, x, weight, {{"rstd", &rstd}});
   const auto xc = x.contiguous();
-  auto dx = at::empty(x.sizes(), x.options());
-  auto dw = at::empty({x.size(-1)}, x.options().dtype(math));
+  auto dx = grad_output(output_mask[0], x.sizes(), x.options());
+  auto dw = grad_output(output_mask[1], {x.size(-1)}, x.options().dtype(math));
   kernels.rms_backward(grad_y.contiguous(), xc, norm_param(weight, math), rstd.contiguous(), dx, dw, offset,
-                             llama_cast);
-  return {dx, dw.to(weight.scalar_type())};
+                       llama_cast);
+  return {dx, param_grad(dw, weight)};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_with(const NormKernels& kernels, const at::Tensor& x,
@@ -152,15 +163,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_backward_with(const No
                                                                         const at::Tensor& grad_y, const at::Tensor& x,
                                                                         const at::Tensor& weight,
                                                                         const at::Tensor& mean,
-                                                                        const at::Tensor& rstd) {
+                                                                        const at::Tensor& rstd,
+                                                                        std::array<bool, 3> output_mask) {
   const auto math = check_norm_backward("layer_norm_backward", grad_y, x, weight, {{"mean", &mean}, {"rstd", &rstd}});
   const auto xc = x.contiguous();
-  auto dx = at::empty(x.sizes(), x.options());
-  auto dw = at::empty({x.size(-1)}, x.options().dtype(math));
-  auto db = at::empty({x.size(-1)}, x.options().dtype(math));
+  auto dx = grad_output(output_mask[0], x.sizes(), x.options());
+  auto dw = grad_output(output_mask[1], {x.size(-1)}, x.options().dtype(math));
+  auto db = grad_output(output_mask[2], {x.size(-1)}, x.options().dtype(math));
   kernels.layer_backward(grad_y.contiguous(), xc, norm_param(weight, math), mean.contiguous(), rstd.contiguous(),
-                               dx, dw, db);
-  return {dx, dw.to(weight.scalar_type()), db.to(weight.scalar_type())};
+                         dx, dw, db);
+  return {dx, param_grad(dw, weight), param_grad(db, weight)};
 }
 
 namespace {
