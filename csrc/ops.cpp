@@ -1,4 +1,5 @@
-// Every torchgc op schema, in one place. Kernels are registered per backend in cpu/ and cuda/.
+// Every torchgc op schema, in one place. Kernels are registered per backend in cpu/ and cuda/;
+// reload, which routes by its device argument, in offload.cpp.
 #include <torch/library.h>
 
 #include "torchgc/host_pool.h"

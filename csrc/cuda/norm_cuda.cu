@@ -364,7 +364,7 @@ struct LaunchShape {
 };
 
 // Launchers, in the NormKernels shape: inputs contiguous, parameters in the math dtype, outputs
-// allocated (norm_cpu.cpp's rms_norm_with and friends prepare them).
+// allocated (norm.cpp's rms_norm_with and friends prepare them).
 // Picks the types and pack width (x, y and `params`, in the math dtype, must allow whole packs)
 // and the launch shape, then lets `launch` launch its forward kernel.
 template <typename Launch>

@@ -1,6 +1,7 @@
 #pragma once
-// Argument checks and buffers shared by the CPU and CUDA kernels of the fused norms (defined in
-// cpu/norm_cpu.cpp). The schemas are in ops.cpp; the per-row math is in norm_row.h.
+// The fused norm ops' bodies and argument checks, shared by the CPU and CUDA kernels (defined in
+// norm.cpp). The schemas are in ops.cpp; the per-row math is in norm_row.h; each backend's
+// NormKernels is in cpu/norm_cpu.cpp or cuda/norm_cuda.cu.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
