@@ -1,8 +1,7 @@
-#pragma once
-// CPU kernels of the fused norms. This header is compiled once per instruction set (norm_cpu.cpp
-// for the baseline, norm_cpu_avx2.cpp with AVX2/FMA/F16C); each copy lives in its own namespace
-// TORCHGC_NORM_ISA, and norm_cpu.cpp picks one at run time. Inputs arrive validated, contiguous
-// and with the weight (and bias) already in the math type A.
+// CPU kernels of the fused norms. CMake compiles this file once per instruction set, each copy
+// with its own TORCHGC_NORM_ISA namespace and flags (baseline; AVX2 + FMA + F16C on x86-64), and
+// norm_cpu.cpp picks one at run time. Inputs arrive validated, contiguous and with the weight
+// (and bias) already in the math type A.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
@@ -12,11 +11,12 @@
 #include <array>
 #include <type_traits>
 
+#include "cpu/norm_kernels.h"
 #include "torchgc/norm.h"
 #include "torchgc/norm_row.h"
 
 #ifndef TORCHGC_NORM_ISA
-#error "define TORCHGC_NORM_ISA before including norm_cpu_kernel.h"
+#error "CMake defines TORCHGC_NORM_ISA, the namespace of this copy of the kernels"
 #endif
 
 namespace torchgc::norm_cpu::TORCHGC_NORM_ISA {
@@ -96,7 +96,7 @@ A row_sum(const T* xr, int64_t n, const Term& term) {
   return s;
 }
 
-template <typename T, typename O, typename A, bool LLAMA>
+template <bool LLAMA, typename T, typename O, typename A>
 void rms_forward_rows(const T* x, const A* w, O* y, A* rstd, int64_t rows, int64_t n, A eps, A offset) {
   at::parallel_for(0, rows, row_grain(n), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
@@ -107,8 +107,8 @@ void rms_forward_rows(const T* x, const A* w, O* y, A* rstd, int64_t rows, int64
       rstd[r] = rs;
       if constexpr (std::is_same_v<A, float>) {
         const fVec rv(rs), ov(offset);
-        fVec a, b;
         for (int64_t j = 0; j < nv; j += kStep) {
+          fVec a, b;
           load2(xr + j, a, b);
           a = a * rv;
           b = b * rv;
@@ -229,7 +229,7 @@ void reduce_rows_by_part(int64_t rows, int64_t n, const std::array<A*, K>& outs,
 
 // The backward kernels compute dx only with DX, and accumulate dweight (dbias) only with DW
 // (DB); each flag is a template argument, so the loops for a frozen weight carry no trace of it.
-template <typename T, typename G, typename A, bool LLAMA, bool DX, bool DW>
+template <bool LLAMA, bool DX, bool DW, typename T, typename G, typename A>
 void rms_backward_rows(const G* g, const T* x, const A* w, const A* rstd, T* dx, A* dw, int64_t rows, int64_t n,
                        A offset) {
   reduce_rows_by_part<1>(rows, n, std::array<A*, 1>{dw}, [&](int64_t r, const std::array<A*, 1>& acc) {
@@ -296,7 +296,7 @@ void rms_backward_rows(const G* g, const T* x, const A* w, const A* rstd, T* dx,
   });
 }
 
-template <typename T, typename G, typename A, bool DX, bool DW, bool DB>
+template <bool DX, bool DW, bool DB, typename T, typename G, typename A>
 void layer_backward_rows(const G* g, const T* x, const A* w, const A* mean, const A* rstd, T* dx, A* dw, A* db,
                          int64_t rows, int64_t n) {
   reduce_rows_by_part<2>(rows, n, std::array<A*, 2>{dw, db}, [&](int64_t r, const std::array<A*, 2>& acc) {
@@ -372,15 +372,6 @@ void layer_backward_rows(const G* g, const T* x, const A* w, const A* mean, cons
   });
 }
 
-// Calls fn(T{}, U{}, A{}, rows, n): x's type, `other`'s type (the output, or the incoming
-// gradient), the math type, and x seen as rows of n.
-template <typename Fn>
-void dispatch_rows(const at::Tensor& x, const at::Tensor& other, Fn&& fn) {
-  const int64_t n = x.size(-1);
-  const int64_t rows = x.numel() / n;
-  dispatch_norm_types(x.scalar_type(), other.scalar_type(), [&](auto t, auto u, auto acc) { fn(t, u, acc, rows, n); });
-}
-
 // Calls fn(std::bool_constant<flags>{}...): run-time flags as template arguments.
 template <typename Fn>
 void with_flags(Fn&& fn) {
@@ -393,66 +384,75 @@ void with_flags(Fn&& fn, bool flag, Rest... rest) {
   flag ? bind(std::true_type{}) : bind(std::false_type{});
 }
 
-}  // namespace
+// Calls fn(T{}, U{}, A{}, rows, n, flag_tags...): x's type, `other`'s type (the output, or the
+// incoming gradient), the math type, x seen as rows of n, and `flags` as with_flags gives them.
+template <typename Fn, typename... Flags>
+void dispatch_rows(const at::Tensor& x, const at::Tensor& other, Fn&& fn, Flags... flags) {
+  const int64_t n = x.size(-1);
+  const int64_t rows = x.numel() / n;
+  dispatch_norm_types(x.scalar_type(), other.scalar_type(), [&](auto t, auto u, auto acc) {
+    with_flags([&](auto... tags) { fn(t, u, acc, rows, n, tags...); }, flags...);
+  });
+}
+
+// t's data as the C++ type of `tag`, to read, or to write (null for an output the mask left out).
+template <typename P>
+const P* read_ptr(const at::Tensor& t, P /*tag*/) {
+  return t.const_data_ptr<P>();
+}
+
+template <typename P>
+P* write_ptr(const at::Tensor& t, P /*tag*/) {
+  return data_or_null<P>(t);
+}
 
 void rms_norm_forward(const at::Tensor& x, const at::Tensor& w, at::Tensor& y, at::Tensor& rstd, double eps,
                       double offset, bool llama) {
-  dispatch_rows(x, y, [&](auto t, auto o, auto acc, int64_t rows, int64_t n) {
-    using T = decltype(t);
-    using O = decltype(o);
-    using A = decltype(acc);
-    with_flags(
-        [&](auto llama_tag) {
-          rms_forward_rows<T, O, A, decltype(llama_tag)::value>(x.const_data_ptr<T>(), w.const_data_ptr<A>(),
-                                                               y.mutable_data_ptr<O>(), rstd.mutable_data_ptr<A>(),
-                                                               rows, n, static_cast<A>(eps), static_cast<A>(offset));
-        },
-        llama);
-  });
+  dispatch_rows(
+      x, y,
+      [&](auto t, auto o, auto a, int64_t rows, int64_t n, auto... flags) {
+        rms_forward_rows<flags...>(read_ptr(x, t), read_ptr(w, a), write_ptr(y, o), write_ptr(rstd, a), rows, n,
+                                   static_cast<decltype(a)>(eps), static_cast<decltype(a)>(offset));
+      },
+      llama);
 }
 
 void rms_norm_backward(const at::Tensor& g, const at::Tensor& x, const at::Tensor& w, const at::Tensor& rstd,
                        at::Tensor& dx, at::Tensor& dw, double offset, bool llama) {
-  dispatch_rows(x, g, [&](auto t, auto gt, auto acc, int64_t rows, int64_t n) {
-    using T = decltype(t);
-    using G = decltype(gt);
-    using A = decltype(acc);
-    with_flags(
-        [&](auto llama_tag, auto dx_tag, auto dw_tag) {
-          rms_backward_rows<T, G, A, decltype(llama_tag)::value, decltype(dx_tag)::value, decltype(dw_tag)::value>(
-              g.const_data_ptr<G>(), x.const_data_ptr<T>(), w.const_data_ptr<A>(), rstd.const_data_ptr<A>(),
-              data_or_null<T>(dx), data_or_null<A>(dw), rows, n, static_cast<A>(offset));
-        },
-        llama, dx.defined(), dw.defined());
-  });
+  dispatch_rows(
+      x, g,
+      [&](auto t, auto gt, auto a, int64_t rows, int64_t n, auto... flags) {
+        rms_backward_rows<flags...>(read_ptr(g, gt), read_ptr(x, t), read_ptr(w, a), read_ptr(rstd, a),
+                                    write_ptr(dx, t), write_ptr(dw, a), rows, n, static_cast<decltype(a)>(offset));
+      },
+      llama, dx.defined(), dw.defined());
 }
 
 void layer_norm_forward(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b, at::Tensor& y,
                         at::Tensor& mean, at::Tensor& rstd, double eps) {
-  dispatch_rows(x, y, [&](auto t, auto o, auto acc, int64_t rows, int64_t n) {
-    using T = decltype(t);
-    using O = decltype(o);
-    using A = decltype(acc);
-    layer_forward_rows<T, O, A>(x.const_data_ptr<T>(), w.const_data_ptr<A>(), b.const_data_ptr<A>(),
-                                y.mutable_data_ptr<O>(), mean.mutable_data_ptr<A>(), rstd.mutable_data_ptr<A>(), rows,
-                                n, static_cast<A>(eps));
+  dispatch_rows(x, y, [&](auto t, auto o, auto a, int64_t rows, int64_t n) {
+    layer_forward_rows(read_ptr(x, t), read_ptr(w, a), read_ptr(b, a), write_ptr(y, o), write_ptr(mean, a),
+                       write_ptr(rstd, a), rows, n, static_cast<decltype(a)>(eps));
   });
 }
 
 void layer_norm_backward(const at::Tensor& g, const at::Tensor& x, const at::Tensor& w, const at::Tensor& mean,
                          const at::Tensor& rstd, at::Tensor& dx, at::Tensor& dw, at::Tensor& db) {
-  dispatch_rows(x, g, [&](auto t, auto gt, auto acc, int64_t rows, int64_t n) {
-    using T = decltype(t);
-    using G = decltype(gt);
-    using A = decltype(acc);
-    with_flags(
-        [&](auto dx_tag, auto dw_tag, auto db_tag) {
-          layer_backward_rows<T, G, A, decltype(dx_tag)::value, decltype(dw_tag)::value, decltype(db_tag)::value>(
-              g.const_data_ptr<G>(), x.const_data_ptr<T>(), w.const_data_ptr<A>(), mean.const_data_ptr<A>(),
-              rstd.const_data_ptr<A>(), data_or_null<T>(dx), data_or_null<A>(dw), data_or_null<A>(db), rows, n);
-        },
-        dx.defined(), dw.defined(), db.defined());
-  });
+  dispatch_rows(
+      x, g,
+      [&](auto t, auto gt, auto a, int64_t rows, int64_t n, auto... flags) {
+        layer_backward_rows<flags...>(read_ptr(g, gt), read_ptr(x, t), read_ptr(w, a), read_ptr(mean, a),
+                                      read_ptr(rstd, a), write_ptr(dx, t), write_ptr(dw, a), write_ptr(db, a), rows,
+                                      n);
+      },
+      dx.defined(), dw.defined(), db.defined());
+}
+
+}  // namespace
+
+const NormKernels& kernels() {
+  static const NormKernels table{&rms_norm_forward, &rms_norm_backward, &layer_norm_forward, &layer_norm_backward};
+  return table;
 }
 
 }  // namespace torchgc::norm_cpu::TORCHGC_NORM_ISA
