@@ -12,7 +12,9 @@ forward+backward of:
   (e) y.copy_(x) into a preallocated y: forward only
 and prints medians, each baseline's median divided by torchgc's (>1: torchgc is faster), the
 bytes moved per second, and the ceiling (a)/(d): the largest speedup over (a) that any kernel
-could reach, since every norm allocates and writes at least what the copy does. Usage: python -m benchmarks.bench_norm [--quick] [--device cuda]
+could reach, since every norm allocates and writes at least what the copy does. Last, torchgc's
+backward alone with a frozen weight (LoRA) against a trainable one, as frozen / trainable.
+Usage: python -m benchmarks.bench_norm [--quick] [--device cuda]
 """
 
 from __future__ import annotations
@@ -168,6 +170,37 @@ def _print(results, rows, hidden, device):
               f"(forward+backward) of the device's {peak:.0f} GB/s peak memory bandwidth")
 
 
+def run_frozen_weight(kind, rows, hidden, device, repeats, warmup):
+    """torchgc's backward alone, with a frozen norm weight (and bias) as under LoRA, where it skips
+    the weight gradient and its reduction, and with a trainable one: medians and frozen / trainable."""
+    from torchgc import ops
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(rows, hidden, generator=gen).to(device, torch.bfloat16).requires_grad_(True)
+    grad = torch.randn(rows, hidden, generator=gen).to(device, torch.bfloat16)
+    weight = (1 + 0.1 * torch.randn(hidden, generator=gen)).to(device)
+    bias = (0.1 * torch.randn(hidden, generator=gen)).to(device)
+    times = {}
+    for trainable in (True, False):
+        w, b = (t.detach().clone().requires_grad_(trainable) for t in (weight, bias))
+        y = ops.rms_norm(x, w, EPS) if kind == "rms" else ops.layer_norm(x, w, b, EPS)
+
+        def backward(y=y, w=w, b=b):
+            x.grad = w.grad = b.grad = None
+            y.backward(grad, retain_graph=True)
+
+        times["trainable_s" if trainable else "frozen_s"] = _median_seconds(backward, device, repeats, warmup)
+    return {"kind": kind, **times, "ratio": times["frozen_s"] / times["trainable_s"]}
+
+
+def _print_frozen_weight(results, rows, hidden, device):
+    print(f"\ntorchgc backward with a frozen vs a trainable weight, x [{rows}, {hidden}] bf16, weight fp32, "
+          f"device {device}, {torch.get_num_threads()} threads (medians; ratio = frozen / trainable)")
+    print(f"{'':8} {'frozen ms':>10} {'trainable ms':>13} {'ratio':>7}")
+    for r in results:
+        print(f"{r['kind']:8} {r['frozen_s'] * 1e3:10.3f} {r['trainable_s'] * 1e3:13.3f} {r['ratio']:7.2f}")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer repeats and a smaller batch (smoke run)")
@@ -191,6 +224,9 @@ def main(argv=None):
             for r in results:
                 r["device"] = str(device)
             all_results.extend(results)
+    for device in devices:
+        frozen = [run_frozen_weight(kind, rows, args.hidden, device, repeats, warmup) for kind in ("rms", "layer")]
+        _print_frozen_weight(frozen, rows, args.hidden, device)
     return all_results
 
 

@@ -1,4 +1,5 @@
-// Every torchgc op schema, in one place. Kernels are registered per backend in cpu/ and cuda/.
+// Every torchgc op schema, in one place. Kernels are registered per backend in cpu/ and cuda/;
+// reload, which routes by its device argument, in offload.cpp.
 #include <torch/library.h>
 
 #include "torchgc/host_pool.h"
@@ -53,10 +54,15 @@ TORCH_LIBRARY(torchgc, m) {
   // or float32 with fp32_output. rstd (and mean) hold one value per row, in the math dtype, for
   // the backward. rms_norm: y = x * rstd * (offset + weight); llama_cast rounds x * rstd to x's
   // dtype before the weight multiplies it, as HF's LlamaRMSNorm does.
+  // The backward ops compute only the gradients output_mask asks for (a frozen weight, as under
+  // LoRA, skips the weight-gradient reduction) and return the others undefined: None in Python.
+  // Their outputs are Tensor, not Tensor?, as in ATen's native_layer_norm_backward: both passed
+  // opcheck, aot_eager and inductor with None outputs (torch 2.14), and Tensor keeps ATen's
+  // convention for C++ callers.
   m.def("rms_norm(Tensor x, Tensor weight, float eps, float offset, bool llama_cast, bool fp32_output) -> (Tensor y, Tensor rstd)");
-  m.def("rms_norm_backward(Tensor grad_y, Tensor x, Tensor weight, Tensor rstd, float offset, bool llama_cast) -> (Tensor dx, Tensor dweight)");
+  m.def("rms_norm_backward(Tensor grad_y, Tensor x, Tensor weight, Tensor rstd, float offset, bool llama_cast, bool[2] output_mask) -> (Tensor dx, Tensor dweight)");
   m.def("layer_norm(Tensor x, Tensor weight, Tensor? bias, float eps, bool fp32_output) -> (Tensor y, Tensor mean, Tensor rstd)");
-  m.def("layer_norm_backward(Tensor grad_y, Tensor x, Tensor weight, Tensor mean, Tensor rstd) -> (Tensor dx, Tensor dweight, Tensor dbias)");
+  m.def("layer_norm_backward(Tensor grad_y, Tensor x, Tensor weight, Tensor mean, Tensor rstd, bool[3] output_mask) -> (Tensor dx, Tensor dweight, Tensor dbias)");
 }
 
 // Offloading moves saved tensors' bytes; it is not part of the differentiated computation, so

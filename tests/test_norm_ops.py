@@ -276,6 +276,11 @@ def opcheck_samples(device):
         yield x, w, b
 
 
+def output_masks(n):
+    """Every output mask of a backward op with n outputs, all-true first."""
+    return [list(m) for m in itertools.product((True, False), repeat=n)]
+
+
 def run_opcheck(device):
     for x, w, b in opcheck_samples(device):
         for fp32_output in (False, True):
@@ -286,16 +291,19 @@ def run_opcheck(device):
                 torch.library.opcheck(torch.ops.torchgc.layer_norm.default, (xr, wr, None, 1e-6, fp32_output))
             y, rstd = torch.ops.torchgc.rms_norm.default(x, w, 1e-6, 0.0, False, fp32_output)
             g = torch.randn_like(y)
-            torch.library.opcheck(torch.ops.torchgc.rms_norm_backward.default, (g, x, w, rstd, 0.0, False))
+            for mask in output_masks(2):
+                torch.library.opcheck(torch.ops.torchgc.rms_norm_backward.default, (g, x, w, rstd, 0.0, False, mask))
             _, mean, rstd = torch.ops.torchgc.layer_norm.default(x, w, b, 1e-6, fp32_output)
-            torch.library.opcheck(torch.ops.torchgc.layer_norm_backward.default, (g, x, w, mean, rstd))
+            for mask in output_masks(3):
+                torch.library.opcheck(torch.ops.torchgc.layer_norm_backward.default, (g, x, w, mean, rstd, mask))
 
 
 def test_opcheck_every_norm_op():
     run_opcheck("cpu")
 
 
-def test_compiled_training_step_matches_eager():
+@pytest.mark.parametrize("frozen", [False, True], ids=["trainable", "frozen-weights"])
+def test_compiled_training_step_matches_eager(frozen):
     x, w, g, b = make_inputs(6, 48, torch.bfloat16, torch.float32, bias=True)
 
     def step(x_, w_, b_):
@@ -303,14 +311,69 @@ def test_compiled_training_step_matches_eager():
         return ops.rms_norm(h, w_, EPS, 1.0, "llama")
 
     def grads(fn):
-        leaves = [t.clone().requires_grad_(True) for t in (x, w, b)]
+        leaves = [t.clone().requires_grad_(t is x or not frozen) for t in (x, w, b)]
         y = fn(*leaves)
         y.backward(g)
         return [y] + [t.grad for t in leaves]
 
     compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
-    for a, c in zip(grads(step), grads(compiled)):
+    eager, traced = grads(step), grads(compiled)
+    if frozen:
+        assert eager[2:] == [None, None] and traced[2:] == [None, None]
+        eager, traced = eager[:2], traced[:2]
+    for a, c in zip(eager, traced):
         assert torch.equal(a, c)
+
+
+NORMS = {
+    "rms": lambda x_, w_: ops.rms_norm(x_, w_, EPS),
+    "rms-gemma-llama": lambda x_, w_: ops.rms_norm(x_, w_, EPS, 1.0, "llama"),
+    "layer": lambda x_, w_, b_: ops.layer_norm(x_, w_, b_, EPS),
+    "layer-no-bias": lambda x_, w_: ops.layer_norm(x_, w_, None, EPS),
+}
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+@pytest.mark.parametrize("x_dtype,hidden", [(torch.bfloat16, 96), (torch.bfloat16, 37), (torch.float64, 20)])
+@pytest.mark.parametrize("norm", NORMS)
+def test_frozen_inputs_get_no_gradient_and_the_others_keep_their_bits(norm, x_dtype, hidden, device):
+    # Under LoRA the norm weights are frozen: the backward skips their gradient, and dx must be
+    # bitwise the dx of a run with trainable weights (and dweight that of one with x trainable).
+    w_dtype = torch.float64 if x_dtype == torch.float64 else torch.float32
+    x, w, g, b = make_inputs(300, hidden, x_dtype, w_dtype, device=device, bias=True)
+    inputs = (x, w, b) if norm == "layer" else (x, w)
+
+    def grads(trainable):
+        leaves = [t.clone().requires_grad_(r) for t, r in zip(inputs, trainable)]
+        NORMS[norm](*leaves).backward(g)
+        return [t.grad for t in leaves]
+
+    every = grads([True] * len(inputs))
+    for trainable in output_masks(len(inputs))[1:-1]:
+        for got, wanted, full in zip(grads(trainable), trainable, every):
+            assert torch.equal(got, full) if wanted else got is None, (trainable, wanted)
+
+
+@pytest.mark.parametrize("device", ["cpu", "meta", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_backward_ops_return_only_the_outputs_the_mask_asks_for(device):
+    x, w, g, b = make_inputs(300, 96, torch.bfloat16, torch.float32, bias=True)
+    x, w, g, b = (t.to(device) for t in (x, w, g, b))
+    _, rstd = torch.ops.torchgc.rms_norm.default(x, w, EPS, 1.0, True, False)
+    _, mean, lrstd = torch.ops.torchgc.layer_norm.default(x, w, b, EPS, False)
+    cases = [
+        (2, lambda mask: torch.ops.torchgc.rms_norm_backward.default(g, x, w, rstd, 1.0, True, mask), [x, w]),
+        (3, lambda mask: torch.ops.torchgc.layer_norm_backward.default(g, x, w, mean, lrstd, mask), [x, w, b]),
+    ]
+    for n, backward, likes in cases:
+        full = backward([True] * n)
+        for mask in output_masks(n):
+            for got, wanted, ref, like in zip(backward(mask), mask, full, likes):
+                if not wanted:
+                    assert got is None, mask
+                    continue
+                assert got.shape == like.shape and got.dtype == like.dtype and got.device == like.device
+                if device != "meta":
+                    assert torch.equal(got, ref), mask
 
 
 def expect_error(match, fn):
@@ -348,11 +411,11 @@ def test_bad_inputs_raise_errors_naming_op_and_problem(device):
                  lambda: rms(x, w.long(), 1e-6, 0.0, False, False))
     y, rstd = rms(x, w, 1e-6, 0.0, False, False)
     expect_error(r"torchgc::rms_norm_backward: expected argument 'grad_y' to have x's shape",
-                 lambda: torch.ops.torchgc.rms_norm_backward.default(y[:2], x, w, rstd, 0.0, False))
+                 lambda: torch.ops.torchgc.rms_norm_backward.default(y[:2], x, w, rstd, 0.0, False, [True, True]))
     expect_error(r"torchgc::rms_norm_backward: expected argument 'rstd' to have shape \[4\]",
-                 lambda: torch.ops.torchgc.rms_norm_backward.default(y, x, w, rstd[:2], 0.0, False))
+                 lambda: torch.ops.torchgc.rms_norm_backward.default(y, x, w, rstd[:2], 0.0, False, [True, True]))
     expect_error(r"torchgc::rms_norm_backward: expected argument 'rstd' to have shape \[4\] and dtype",
-                 lambda: torch.ops.torchgc.rms_norm_backward.default(y, x, w, rstd.double(), 0.0, False))
+                 lambda: torch.ops.torchgc.rms_norm_backward.default(y, x, w, rstd.double(), 0.0, False, [True, True]))
 
 
 def test_mismatched_devices_raise_a_clear_error():

@@ -6,7 +6,9 @@ missing or was built for another torch; that first call raises the ImportError s
 how to rebuild.
 """
 
+import math
 import threading
+from numbers import Real
 from typing import NamedTuple, Optional
 
 import torch
@@ -118,7 +120,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 
     Differentiable with respect to x and weight."""
     if casting not in _RMS_CASTINGS:
         raise ValueError(f"torchgc.ops.rms_norm: expected casting to be one of {_RMS_CASTINGS}, got {casting!r}")
-    y, _ = _op("rms_norm")(x, weight, float(eps), float(offset), casting == "llama", bool(fp32_output))
+    _check_scalars("rms_norm", eps=eps, offset=offset, fp32_output=fp32_output)
+    y, _ = _op("rms_norm")(x, weight, float(eps), float(offset), casting == "llama", fp32_output)
     return y
 
 
@@ -126,8 +129,18 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: "torch.Tensor | None
                fp32_output: bool = False) -> torch.Tensor:
     """LayerNorm over the last dimension with fp32 math; bias may be None. Differentiable with
     respect to x, weight and bias."""
-    y, _, _ = _op("layer_norm")(x, weight, bias, float(eps), bool(fp32_output))
+    _check_scalars("layer_norm", eps=eps, fp32_output=fp32_output)
+    y, _, _ = _op("layer_norm")(x, weight, bias, float(eps), fp32_output)
     return y
+
+
+def _check_scalars(op, *, fp32_output, **scalars):
+    # float() would turn "1e-6" into a number and bool() any object into a flag, silently.
+    if not isinstance(fp32_output, bool):
+        raise ValueError(f"torchgc.ops.{op}: argument 'fp32_output' must be True or False; got {fp32_output!r}")
+    for name, value in scalars.items():
+        if isinstance(value, bool) or not isinstance(value, Real):
+            raise ValueError(f"torchgc.ops.{op}: argument '{name}' must be a real number; got {value!r}")
 
 
 def _norm_error(op, message):
@@ -160,67 +173,125 @@ def _check_norm_forward(op, x, weight, bias, eps):
 
 
 def _check_norm_backward(op, grad_y, x, weight, **stats):
-    math = _check_norm_forward(op, x, weight, None, 0.0)
+    math_dtype = _check_norm_forward(op, x, weight, None, 0.0)
     if grad_y.device != x.device:
         _norm_error(op, f"expected argument 'grad_y' to be on x's device {x.device}, got one on {grad_y.device}")
     if grad_y.shape != x.shape or grad_y.dtype not in (x.dtype, torch.float32):
         _norm_error(op, f"expected argument 'grad_y' to have x's shape {list(x.shape)} and dtype float32 or {x.dtype}, "
                         f"got {list(grad_y.shape)} and {grad_y.dtype}")
     for name, t in stats.items():
-        if t.shape != x.shape[:-1] or t.dtype != math or t.device != x.device:
-            _norm_error(op, f"expected argument '{name}' to have shape {list(x.shape[:-1])} and dtype {math} on {x.device}, "
+        if t.shape != x.shape[:-1] or t.dtype != math_dtype or t.device != x.device:
+            _norm_error(op, f"expected argument '{name}' to have shape {list(x.shape[:-1])} and dtype {math_dtype} on {x.device}, "
                             f"got {list(t.shape)} and {t.dtype} on {t.device}")
 
 
+def _check_offset(op, offset):
+    if not math.isfinite(offset):
+        _norm_error(op, f"expected argument 'offset' to be finite, got {offset}")
+
+
 def _rms_norm_fake(x, weight, eps, offset, llama_cast, fp32_output):
-    math = _check_norm_forward("rms_norm", x, weight, None, eps)
+    math_dtype = _check_norm_forward("rms_norm", x, weight, None, eps)
+    _check_offset("rms_norm", offset)
     y = x.new_empty(x.shape, dtype=torch.float32 if fp32_output else x.dtype)
-    return y, x.new_empty(x.shape[:-1], dtype=math)
+    return y, x.new_empty(x.shape[:-1], dtype=math_dtype)
 
 
-def _rms_norm_backward_fake(grad_y, x, weight, rstd, offset, llama_cast):
+def _masked_grads(output_mask, *likes):
+    return tuple(t.new_empty(t.shape) if wanted else None for wanted, t in zip(output_mask, likes))
+
+
+def _rms_norm_backward_fake(grad_y, x, weight, rstd, offset, llama_cast, output_mask):
     _check_norm_backward("rms_norm_backward", grad_y, x, weight, rstd=rstd)
-    return x.new_empty(x.shape), weight.new_empty(weight.shape)
+    _check_offset("rms_norm_backward", offset)
+    return _masked_grads(output_mask, x, weight)
 
 
 def _layer_norm_fake(x, weight, bias, eps, fp32_output):
-    math = _check_norm_forward("layer_norm", x, weight, bias, eps)
+    math_dtype = _check_norm_forward("layer_norm", x, weight, bias, eps)
     y = x.new_empty(x.shape, dtype=torch.float32 if fp32_output else x.dtype)
-    return y, x.new_empty(x.shape[:-1], dtype=math), x.new_empty(x.shape[:-1], dtype=math)
+    return y, x.new_empty(x.shape[:-1], dtype=math_dtype), x.new_empty(x.shape[:-1], dtype=math_dtype)
 
 
-def _layer_norm_backward_fake(grad_y, x, weight, mean, rstd):
+def _layer_norm_backward_fake(grad_y, x, weight, mean, rstd, output_mask):
     _check_norm_backward("layer_norm_backward", grad_y, x, weight, mean=mean, rstd=rstd)
-    return x.new_empty(x.shape), weight.new_empty(weight.shape), weight.new_empty(weight.shape)
+    return _masked_grads(output_mask, x, weight, weight)
 
 
 # mean and rstd are saved statistics, not differentiable outputs: their incoming gradients are
 # ignored (they are always zero or None unless a caller differentiates through them, which the
-# wrappers above never expose).
+# wrappers above never expose). The backward ops compute only the gradients needs_input_grad
+# asks for: under LoRA the norm weights are frozen, and their reduction is skipped.
+#
+# The backward kernels are not differentiable themselves. When a backward runs with grad mode on
+# (create_graph=True: a gradient penalty, a Hessian-vector product), the gradients come instead
+# from differentiating the same norm written in torch ops, which autograd can differentiate again;
+# they equal the kernels' up to the order of fp32 rounding.
+def _math_dtype(x):
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _rms_norm_composite(x, weight, eps, offset, llama_cast, fp32_output):
+    xf = x.to(_math_dtype(x))
+    xhat = xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps)
+    if llama_cast:
+        xhat = xhat.to(x.dtype).to(xf.dtype)
+    y = xhat * (offset + weight.to(xf.dtype))
+    return y if fp32_output else y.to(x.dtype)
+
+
+def _layer_norm_composite(x, weight, bias, eps, fp32_output):
+    acc = _math_dtype(x)
+    y = torch.nn.functional.layer_norm(x.to(acc), x.shape[-1:], weight.to(acc), None if bias is None else bias.to(acc), eps)
+    return y if fp32_output else y.to(x.dtype)
+
+
+def _differentiable_grads(composite, ctx, grad_y, tensors, options):
+    """Gradients of composite(*tensors, *options) for the tensors needs_input_grad asks for (None
+    for the others), with a graph of their own."""
+    wanted = [i for i, t in enumerate(tensors) if t is not None and ctx.needs_input_grad[i]]
+    y = composite(*tensors, *options)
+    grads = torch.autograd.grad(y, [tensors[i] for i in wanted], grad_y, create_graph=True)
+    out = [None] * len(tensors)
+    for i, grad in zip(wanted, grads):
+        out[i] = grad
+    return out
+
+
 def _rms_norm_setup(ctx, inputs, output):
-    x, weight, _eps, offset, llama_cast, _fp32_output = inputs
+    x, weight, eps, offset, llama_cast, fp32_output = inputs
     _, rstd = output
     ctx.save_for_backward(x, weight, rstd)
-    ctx.offset, ctx.llama_cast = offset, llama_cast
+    ctx.options = (eps, offset, llama_cast, fp32_output)
 
 
 def _rms_norm_backward(ctx, grad_y, _grad_rstd):
     x, weight, rstd = ctx.saved_tensors
-    dx, dweight = torch.ops.torchgc.rms_norm_backward.default(grad_y, x, weight, rstd, ctx.offset, ctx.llama_cast)
+    if torch.is_grad_enabled():
+        dx, dweight = _differentiable_grads(_rms_norm_composite, ctx, grad_y, (x, weight), ctx.options)
+    else:
+        _eps, offset, llama_cast, _fp32_output = ctx.options
+        dx, dweight = torch.ops.torchgc.rms_norm_backward.default(grad_y, x, weight, rstd, offset, llama_cast,
+                                                                  list(ctx.needs_input_grad[:2]))
     return dx, dweight, None, None, None, None
 
 
 def _layer_norm_setup(ctx, inputs, output):
-    x, weight, bias, _eps, _fp32_output = inputs
+    x, weight, bias, eps, fp32_output = inputs
     _, mean, rstd = output
-    ctx.save_for_backward(x, weight, mean, rstd)
-    ctx.has_bias = bias is not None
+    ctx.save_for_backward(x, weight, bias, mean, rstd)
+    ctx.options = (eps, fp32_output)
 
 
 def _layer_norm_backward(ctx, grad_y, _grad_mean, _grad_rstd):
-    x, weight, mean, rstd = ctx.saved_tensors
-    dx, dweight, dbias = torch.ops.torchgc.layer_norm_backward.default(grad_y, x, weight, mean, rstd)
-    return dx, dweight, dbias if ctx.has_bias else None, None, None
+    x, weight, bias, mean, rstd = ctx.saved_tensors
+    if torch.is_grad_enabled():
+        dx, dweight, dbias = _differentiable_grads(_layer_norm_composite, ctx, grad_y, (x, weight, bias), ctx.options)
+    else:
+        # needs_input_grad is False for a None bias, so dbias is only computed for a real one.
+        dx, dweight, dbias = torch.ops.torchgc.layer_norm_backward.default(grad_y, x, weight, mean, rstd,
+                                                                           list(ctx.needs_input_grad[:3]))
+    return dx, dweight, dbias, None, None
 
 
 def _register_python_kernels() -> None:

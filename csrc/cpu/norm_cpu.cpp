@@ -1,181 +1,23 @@
-// CPU kernels of the fused norms, and the op bodies (checks, buffers) both backends share. The kernels are
-// in norm_cpu_kernel.h, compiled here for the baseline instruction set and in
-// norm_cpu_avx2.cpp for AVX2; the copy to run is picked once, from ATen's CPU capability (so
+// The CPU norm ops (their bodies are in norm.cpp). The kernels come from norm_kernels.cpp, compiled
+// once per instruction set; the copy to run is picked once, from ATen's CPU capability (so
 // ATEN_CPU_CAPABILITY=default selects the baseline one, as it does for torch's own kernels).
 #include <ATen/Version.h>
 #include <torch/library.h>
 
-#include <cmath>
-
-#include "torchgc/norm.h"
-
-#define TORCHGC_NORM_ISA base
-#include "cpu/norm_cpu_kernel.h"
-#undef TORCHGC_NORM_ISA
-
-#ifdef TORCHGC_NORM_AVX2
-namespace torchgc::norm_cpu::avx2 {
-void rms_norm_forward(const at::Tensor& x, const at::Tensor& w, at::Tensor& y, at::Tensor& rstd, double eps,
-                      double offset, bool llama);
-void rms_norm_backward(const at::Tensor& g, const at::Tensor& x, const at::Tensor& w, const at::Tensor& rstd,
-                       at::Tensor& dx, at::Tensor& dw, double offset, bool llama);
-void layer_norm_forward(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b, at::Tensor& y,
-                        at::Tensor& mean, at::Tensor& rstd, double eps);
-void layer_norm_backward(const at::Tensor& g, const at::Tensor& x, const at::Tensor& w, const at::Tensor& mean,
-                         const at::Tensor& rstd, at::Tensor& dx, at::Tensor& dw, at::Tensor& db);
-}  // namespace torchgc::norm_cpu::avx2
-#endif
+#include "cpu/norm_kernels.h"
 
 namespace torchgc {
-
-at::ScalarType norm_math_type(at::ScalarType x) { return x == at::kDouble ? at::kDouble : at::kFloat; }
-
-namespace {
-
-void check_tensor(const char* op, const char* name, const at::Tensor& t) {
-  TORCH_CHECK(t.defined(), "torchgc::", op, ": expected argument '", name, "' to be a defined tensor, got an undefined one");
-  TORCH_CHECK(t.layout() == at::kStrided, "torchgc::", op, ": expected argument '", name,
-              "' to be a strided tensor, got layout ", t.layout());
-}
-
-void check_same_device(const char* op, const char* name, const at::Tensor& t, const at::Tensor& x) {
-  TORCH_CHECK(t.device() == x.device(), "torchgc::", op, ": expected argument '", name, "' to be on x's device ",
-              x.device(), ", got one on ", t.device());
-}
-
-void check_param(const char* op, const char* name, const at::Tensor& p, const at::Tensor& x) {
-  check_tensor(op, name, p);
-  check_same_device(op, name, p, x);
-  TORCH_CHECK(p.dim() == 1 && p.size(0) == x.size(-1), "torchgc::", op, ": expected argument '", name, "' to have shape [",
-              x.size(-1), "] (x's last dimension), got ", p.sizes());
-  TORCH_CHECK(p.scalar_type() == at::kFloat || p.scalar_type() == x.scalar_type(), "torchgc::", op,
-              ": expected argument '", name, "' to have dtype Float or x's dtype (", x.scalar_type(), "), got ",
-              p.scalar_type());
-}
-
-}  // namespace
-
-at::ScalarType check_norm_forward(const char* op, const at::Tensor& x, const at::Tensor& weight,
-                                  const std::optional<at::Tensor>& bias, double eps) {
-  check_tensor(op, "x", x);
-  const auto xt = x.scalar_type();
-  TORCH_CHECK(xt == at::kBFloat16 || xt == at::kHalf || xt == at::kFloat || xt == at::kDouble, "torchgc::", op,
-              ": expected argument 'x' to have dtype BFloat16, Half, Float or Double, got ", xt);
-  TORCH_CHECK(x.dim() >= 1 && x.numel() > 0, "torchgc::", op,
-              ": expected argument 'x' to be a non-empty tensor with at least one dimension, got shape ", x.sizes());
-  check_param(op, "weight", weight, x);
-  if (bias.has_value()) {
-    check_param(op, "bias", *bias, x);
-    TORCH_CHECK(bias->scalar_type() == weight.scalar_type(), "torchgc::", op,
-                ": expected argument 'bias' to have weight's dtype (", weight.scalar_type(), "), got ",
-                bias->scalar_type());
-  }
-  TORCH_CHECK(std::isfinite(eps) && eps >= 0, "torchgc::", op, ": expected argument 'eps' to be finite and >= 0, got ",
-              eps);
-  return norm_math_type(xt);
-}
-
-namespace {
-
-at::ScalarType check_norm_backward(const char* op, const at::Tensor& grad_y, const at::Tensor& x,
-                                   const at::Tensor& weight,
-                                   std::initializer_list<std::pair<const char*, const at::Tensor*>> stats) {
-  const auto math = check_norm_forward(op, x, weight, std::nullopt, 0.0);
-  check_tensor(op, "grad_y", grad_y);
-  check_same_device(op, "grad_y", grad_y, x);
-  TORCH_CHECK(grad_y.sizes() == x.sizes(), "torchgc::", op, ": expected argument 'grad_y' to have x's shape ", x.sizes(),
-              ", got ", grad_y.sizes());
-  TORCH_CHECK(grad_y.scalar_type() == x.scalar_type() || grad_y.scalar_type() == at::kFloat, "torchgc::", op,
-              ": expected argument 'grad_y' to have dtype Float or x's dtype (", x.scalar_type(), "), got ",
-              grad_y.scalar_type());
-  const auto rows_shape = x.sizes().slice(0, x.dim() - 1);
-  for (const auto& [name, t] : stats) {
-    check_tensor(op, name, *t);
-    check_same_device(op, name, *t, x);
-    TORCH_CHECK(t->sizes() == rows_shape && t->scalar_type() == math, "torchgc::", op, ": expected argument '", name,
-                "' to have shape ", rows_shape, " and dtype ", math, " (one value per row of x), got shape ",
-                t->sizes(), " and dtype ", t->scalar_type());
-  }
-  return math;
-}
-
-// One value per row of x, in the math dtype.
-at::Tensor norm_row_stats(const at::Tensor& x, at::ScalarType math) {
-  return at::empty(x.sizes().slice(0, x.dim() - 1), x.options().dtype(math));
-}
-
-// A parameter as the kernels read it: contiguous, in the math dtype.
-at::Tensor norm_param(const at::Tensor& p, at::ScalarType math) { return p.to(math).contiguous(); }
-
-}  // namespace
-
-std::tuple<at::Tensor, at::Tensor> rms_norm_with(const NormKernels& kernels, const at::Tensor& x,
-                                                 const at::Tensor& weight, double eps, double offset, bool llama_cast,
-                                                 bool fp32_output) {
-  const auto math = check_norm_forward("rms_norm", x, weight, std::nullopt, eps);
-  const auto xc = x.contiguous();
-  const auto w = norm_param(weight, math);
-  auto y = at::empty(x.sizes(), x.options().dtype(fp32_output ? at::kFloat : x.scalar_type()));
-  auto rstd = norm_row_stats(x, math);
-  kernels.rms_forward(xc, w, y, rstd, eps, offset, llama_cast);
-  return {y, rstd};
-}
-
-std::tuple<at::Tensor, at::Tensor> rms_norm_backward_with(const NormKernels& kernels, const at::Tensor& grad_y,
-                                                          const at::Tensor& x, const at::Tensor& weight,
-                                                          const at::Tensor& rstd, double offset, bool llama_cast) {
-  const auto math = check_norm_backward("rms_norm_backward", grad_y, x, weight, {{"rstd", &rstd}});
-  const auto xc = x.contiguous();
-  auto dx = at::empty(x.sizes(), x.options());
-  auto dw = at::empty({x.size(-1)}, x.options().dtype(math));
-  kernels.rms_backward(grad_y.contiguous(), xc, norm_param(weight, math), rstd.contiguous(), dx, dw, offset,
-                             llama_cast);
-  return {dx, dw.to(weight.scalar_type())};
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_with(const NormKernels& kernels, const at::Tensor& x,
-                                                               const at::Tensor& weight,
-                                                               const std::optional<at::Tensor>& bias, double eps,
-                                                               bool fp32_output) {
-  const auto math = check_norm_forward("layer_norm", x, weight, bias, eps);
-  const auto xc = x.contiguous();
-  const auto w = norm_param(weight, math);
-  const auto b = bias.has_value() ? norm_param(*bias, math) : at::zeros_like(w);
-  auto y = at::empty(x.sizes(), x.options().dtype(fp32_output ? at::kFloat : x.scalar_type()));
-  auto mean = norm_row_stats(x, math);
-  auto rstd = norm_row_stats(x, math);
-  kernels.layer_forward(xc, w, b, y, mean, rstd, eps);
-  return {y, mean, rstd};
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_backward_with(const NormKernels& kernels,
-                                                                        const at::Tensor& grad_y, const at::Tensor& x,
-                                                                        const at::Tensor& weight,
-                                                                        const at::Tensor& mean,
-                                                                        const at::Tensor& rstd) {
-  const auto math = check_norm_backward("layer_norm_backward", grad_y, x, weight, {{"mean", &mean}, {"rstd", &rstd}});
-  const auto xc = x.contiguous();
-  auto dx = at::empty(x.sizes(), x.options());
-  auto dw = at::empty({x.size(-1)}, x.options().dtype(math));
-  auto db = at::empty({x.size(-1)}, x.options().dtype(math));
-  kernels.layer_backward(grad_y.contiguous(), xc, norm_param(weight, math), mean.contiguous(), rstd.contiguous(),
-                               dx, dw, db);
-  return {dx, dw.to(weight.scalar_type()), db.to(weight.scalar_type())};
-}
-
 namespace {
 
 const NormKernels& cpu_kernels() {
-  static const NormKernels kernels = [] {
+  static const NormKernels& kernels = []() -> const NormKernels& {
 #ifdef TORCHGC_NORM_AVX2
     const auto isa = at::get_cpu_capability();
     if (isa == "AVX2" || isa == "AVX512") {
-      namespace k = norm_cpu::avx2;
-      return NormKernels{&k::rms_norm_forward, &k::rms_norm_backward, &k::layer_norm_forward, &k::layer_norm_backward};
+      return norm_cpu::avx2::kernels();
     }
 #endif
-    namespace k = norm_cpu::base;
-    return NormKernels{&k::rms_norm_forward, &k::rms_norm_backward, &k::layer_norm_forward, &k::layer_norm_backward};
+    return norm_cpu::base::kernels();
   }();
   return kernels;
 }

@@ -8,6 +8,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <vector>
 
@@ -35,6 +36,19 @@ __device__ __forceinline__ Pack<T, N> load_pack(const T* base, int64_t i) {
 template <typename T, int N>
 __device__ __forceinline__ void store_pack(T* base, int64_t i, const Pack<T, N>& p) {
   reinterpret_cast<Pack<T, N>*>(base)[i] = p;
+}
+
+// Packs of an output the mask may have left out (null): loads give zeros, stores do nothing.
+template <typename T, int N>
+__device__ __forceinline__ Pack<T, N> load_pack_or_zero(const T* base, int64_t i) {
+  return base == nullptr ? Pack<T, N>{} : load_pack<T, N>(base, i);
+}
+
+template <typename T, int N>
+__device__ __forceinline__ void store_pack_if(T* base, int64_t i, const Pack<T, N>& p) {
+  if (base != nullptr) {
+    store_pack<T, N>(base, i, p);
+  }
 }
 
 template <typename A>
@@ -178,26 +192,30 @@ __global__ void __launch_bounds__(kMaxThreads) rms_backward_kernel(const G* __re
   __shared__ A red[32];
   const int64_t packs = n / VEC;
   for_each_group_row(rows, tpr, groups, rows_per_group, [&](int64_t group, int64_t row, int lane) {
-    A* pw = part + group * n;
+    A* pw = norm::offset_or_null(part, group * n);
+    T* dxr = norm::offset_or_null(dx, row * n);
     const T* xr = x + row * n;
     const G* gr = g + row * n;
     const A rs = rstd[row];
-    A dot = 0;
-    for (int64_t i = lane; i < packs; i += tpr) {
-      const auto xp = load_pack<T, VEC>(xr, i);
-      const auto gp = load_pack<G, VEC>(gr, i);
-      const auto wp = load_pack<A, VEC>(w, i);
+    A c1 = 0;
+    if (dxr != nullptr) {
+      A dot = 0;
+      for (int64_t i = lane; i < packs; i += tpr) {
+        const auto xp = load_pack<T, VEC>(xr, i);
+        const auto gp = load_pack<G, VEC>(gr, i);
+        const auto wp = load_pack<A, VEC>(w, i);
 #pragma unroll
-      for (int k = 0; k < VEC; ++k) {
-        dot += static_cast<A>(gp.v[k]) * (wp.v[k] + offset) * static_cast<A>(xp.v[k]);
+        for (int k = 0; k < VEC; ++k) {
+          dot += static_cast<A>(gp.v[k]) * (wp.v[k] + offset) * static_cast<A>(xp.v[k]);
+        }
       }
+      c1 = row_sum(dot, tpr, red) * rs / static_cast<A>(n);
     }
-    const A c1 = row_sum(dot, tpr, red) * rs / static_cast<A>(n);
     for (int64_t i = lane; i < packs; i += tpr) {
       const auto xp = load_pack<T, VEC>(xr, i);
       const auto gp = load_pack<G, VEC>(gr, i);
       const auto wp = load_pack<A, VEC>(w, i);
-      auto acc = load_pack<A, VEC>(pw, i);
+      auto acc = load_pack_or_zero<A, VEC>(pw, i);
       Pack<T, VEC> out;
 #pragma unroll
       for (int k = 0; k < VEC; ++k) {
@@ -209,8 +227,8 @@ __global__ void __launch_bounds__(kMaxThreads) rms_backward_kernel(const G* __re
         }
         acc.v[k] += gk * xhat;
       }
-      store_pack<T, VEC>(dx + row * n, i, out);
-      store_pack<A, VEC>(pw, i, acc);
+      store_pack_if<T, VEC>(dxr, i, out);
+      store_pack_if<A, VEC>(pw, i, acc);
     }
   });
 }
@@ -223,32 +241,36 @@ __global__ void __launch_bounds__(kMaxThreads) layer_backward_kernel(const G* __
   __shared__ A red[32];
   const int64_t packs = n / VEC;
   for_each_group_row(rows, tpr, groups, rows_per_group, [&](int64_t group, int64_t row, int lane) {
-    A* pw = part_w + group * n;
-    A* pb = part_b + group * n;
+    A* pw = norm::offset_or_null(part_w, group * n);
+    A* pb = norm::offset_or_null(part_b, group * n);
+    T* dxr = norm::offset_or_null(dx, row * n);
     const T* xr = x + row * n;
     const G* gr = g + row * n;
     const A mu = mean[row];
     const A rs = rstd[row];
-    A sum_gw = 0, sum_gwx = 0;
-    for (int64_t i = lane; i < packs; i += tpr) {
-      const auto xp = load_pack<T, VEC>(xr, i);
-      const auto gp = load_pack<G, VEC>(gr, i);
-      const auto wp = load_pack<A, VEC>(w, i);
+    A c0 = 0, c1 = 0;
+    if (dxr != nullptr) {
+      A sum_gw = 0, sum_gwx = 0;
+      for (int64_t i = lane; i < packs; i += tpr) {
+        const auto xp = load_pack<T, VEC>(xr, i);
+        const auto gp = load_pack<G, VEC>(gr, i);
+        const auto wp = load_pack<A, VEC>(w, i);
 #pragma unroll
-      for (int k = 0; k < VEC; ++k) {
-        const A gw = static_cast<A>(gp.v[k]) * wp.v[k];
-        sum_gw += gw;
-        sum_gwx += gw * ((static_cast<A>(xp.v[k]) - mu) * rs);
+        for (int k = 0; k < VEC; ++k) {
+          const A gw = static_cast<A>(gp.v[k]) * wp.v[k];
+          sum_gw += gw;
+          sum_gwx += gw * ((static_cast<A>(xp.v[k]) - mu) * rs);
+        }
       }
+      c0 = row_sum(sum_gw, tpr, red) / static_cast<A>(n);
+      c1 = row_sum(sum_gwx, tpr, red) / static_cast<A>(n);
     }
-    const A c0 = row_sum(sum_gw, tpr, red) / static_cast<A>(n);
-    const A c1 = row_sum(sum_gwx, tpr, red) / static_cast<A>(n);
     for (int64_t i = lane; i < packs; i += tpr) {
       const auto xp = load_pack<T, VEC>(xr, i);
       const auto gp = load_pack<G, VEC>(gr, i);
       const auto wp = load_pack<A, VEC>(w, i);
-      auto acc_w = load_pack<A, VEC>(pw, i);
-      auto acc_b = load_pack<A, VEC>(pb, i);
+      auto acc_w = load_pack_or_zero<A, VEC>(pw, i);
+      auto acc_b = load_pack_or_zero<A, VEC>(pb, i);
       Pack<T, VEC> out;
 #pragma unroll
       for (int k = 0; k < VEC; ++k) {
@@ -258,9 +280,9 @@ __global__ void __launch_bounds__(kMaxThreads) layer_backward_kernel(const G* __
         acc_w.v[k] += gk * xhat;
         acc_b.v[k] += gk;
       }
-      store_pack<T, VEC>(dx + row * n, i, out);
-      store_pack<A, VEC>(pw, i, acc_w);
-      store_pack<A, VEC>(pb, i, acc_b);
+      store_pack_if<T, VEC>(dxr, i, out);
+      store_pack_if<A, VEC>(pw, i, acc_w);
+      store_pack_if<A, VEC>(pb, i, acc_b);
     }
   });
 }
@@ -323,7 +345,11 @@ void sum_parts(const at::Tensor& part, at::Tensor& out, cudaStream_t stream) {
 
 // Row groups of the weight-gradient reduction. The split depends on the row count only, not on
 // the launch shape (which depends on alignment), so dweight has the same bits for the same values.
-norm::RowPartition cuda_partition(int64_t rows) { return norm::partition_rows(rows, 4, 1024); }
+// With nothing to reduce (frozen weights), every row is a group of its own, for parallelism; at
+// most 2^24 groups, which grid_for's blocks cover in either launch mode.
+norm::RowPartition cuda_partition(int64_t rows, bool reduce) {
+  return reduce ? norm::partition_rows(rows, 4, 1024) : norm::partition_rows(rows, 1, int64_t{1} << 24);
+}
 
 // Where and how a launcher's kernel runs: grid, threads per block and per row, the problem
 // size, the stream, and (backward only) the weight-gradient split with its zeroed buffers.
@@ -338,7 +364,7 @@ struct LaunchShape {
 };
 
 // Launchers, in the NormKernels shape: inputs contiguous, parameters in the math dtype, outputs
-// allocated (norm_cpu.cpp's rms_norm_with and friends prepare them).
+// allocated (norm.cpp's rms_norm_with and friends prepare them).
 // Picks the types and pack width (x, y and `params`, in the math dtype, must allow whole packs)
 // and the launch shape, then lets `launch` launch its forward kernel.
 template <typename Launch>
@@ -388,7 +414,8 @@ void layer_forward(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b
 }
 
 // Picks the types and pack width, gives `launch` one zeroed [groups, hidden] buffer per output
-// in `reduced` (shape.parts) to launch its kernel with, then reduces each into its output.
+// in `reduced` (shape.parts; an undefined one for an output the mask left out) to launch its
+// kernel with, then reduces each into its output.
 template <typename Launch>
 void run_backward(const at::Tensor& g, const at::Tensor& x, const at::Tensor& w, const at::Tensor& dx,
                   std::initializer_list<at::Tensor*> reduced, Launch&& launch) {
@@ -401,22 +428,27 @@ void run_backward(const at::Tensor& g, const at::Tensor& x, const at::Tensor& w,
     using G = decltype(gt);
     using A = decltype(acc);
     dispatch_vec<T>(n, {{x.const_data_ptr(), sizeof(T)}, {g.const_data_ptr(), sizeof(G)}, {w.const_data_ptr(), sizeof(A)},
-                        {dx.const_data_ptr(), sizeof(T)}},
+                        {data_or_null<T>(dx), sizeof(T)}},
                     [&](auto vec) {
                       const auto rl = row_launch(n / decltype(vec)::value);
-                      const auto split = cuda_partition(rows);
+                      const bool reduce = std::any_of(reduced.begin(), reduced.end(),
+                                                      [](const at::Tensor* out) { return out->defined(); });
+                      const auto split = cuda_partition(rows, reduce);
                       const int64_t groups_per_block = rl.threads / rl.tpr;
                       LaunchShape shape{dim3(grid_for((split.parts + groups_per_block - 1) / groups_per_block)), rl,
                                         rows, n, stream, split};
-                      for (size_t i = 0; i < reduced.size(); ++i) {
-                        shape.parts.push_back(
-                            at::zeros({split.parts, n}, x.options().dtype(c10::CppTypeToScalarType<A>::value)));
+                      for (const at::Tensor* out : reduced) {
+                        shape.parts.push_back(out->defined() ? at::zeros({split.parts, n}, out->options())
+                                                             : at::Tensor());
                       }
                       launch(t, gt, acc, vec, shape);
                       C10_CUDA_KERNEL_LAUNCH_CHECK();
                       size_t i = 0;
                       for (at::Tensor* out : reduced) {
-                        sum_parts<A>(shape.parts[i++], *out, stream);
+                        if (out->defined()) {
+                          sum_parts<A>(shape.parts[i], *out, stream);
+                        }
+                        ++i;
                       }
                     });
   });
@@ -430,7 +462,7 @@ void rms_backward(const at::Tensor& g, const at::Tensor& x, const at::Tensor& w,
     using A = decltype(acc);
     rms_backward_kernel<T, G, A, decltype(vec)::value><<<s.grid, s.rl.threads, 0, s.stream>>>(
         g.const_data_ptr<G>(), x.const_data_ptr<T>(), w.const_data_ptr<A>(), rstd.const_data_ptr<A>(),
-        dx.mutable_data_ptr<T>(), s.parts[0].mutable_data_ptr<A>(), s.rows, s.n, static_cast<A>(offset), llama,
+        data_or_null<T>(dx), data_or_null<A>(s.parts[0]), s.rows, s.n, static_cast<A>(offset), llama,
         s.rl.tpr, s.split.parts, s.split.rows_per_part);
   });
 }
@@ -443,8 +475,8 @@ void layer_backward(const at::Tensor& g, const at::Tensor& x, const at::Tensor& 
     using A = decltype(acc);
     layer_backward_kernel<T, G, A, decltype(vec)::value><<<s.grid, s.rl.threads, 0, s.stream>>>(
         g.const_data_ptr<G>(), x.const_data_ptr<T>(), w.const_data_ptr<A>(), mean.const_data_ptr<A>(),
-        rstd.const_data_ptr<A>(), dx.mutable_data_ptr<T>(), s.parts[0].mutable_data_ptr<A>(),
-        s.parts[1].mutable_data_ptr<A>(), s.rows, s.n, s.rl.tpr, s.split.parts, s.split.rows_per_part);
+        rstd.const_data_ptr<A>(), data_or_null<T>(dx), data_or_null<A>(s.parts[0]), data_or_null<A>(s.parts[1]),
+        s.rows, s.n, s.rl.tpr, s.split.parts, s.split.rows_per_part);
   });
 }
 

@@ -6,6 +6,7 @@
 
 #include "error_of.h"
 
+#include <array>
 #include <cmath>
 #include <functional>
 #include <numeric>
@@ -31,12 +32,13 @@ std::tuple<at::Tensor, at::Tensor> call_rms_norm(const at::Tensor& x, const at::
 
 std::tuple<at::Tensor, at::Tensor> call_rms_norm_backward(const at::Tensor& g, const at::Tensor& x,
                                                           const at::Tensor& w, const at::Tensor& rstd, double offset,
-                                                          bool llama) {
+                                                          bool llama, std::array<bool, 2> mask = {true, true}) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("torchgc::rms_norm_backward", "")
                        .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
-                                                                 const at::Tensor&, const at::Tensor&, double, bool)>();
-  return op.call(g, x, w, rstd, offset, llama);
+                                                                 const at::Tensor&, const at::Tensor&, double, bool,
+                                                                 std::array<bool, 2>)>();
+  return op.call(g, x, w, rstd, offset, llama, mask);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> call_layer_norm(const at::Tensor& x, const at::Tensor& w,
@@ -50,13 +52,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> call_layer_norm(const at::Tensor&
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> call_layer_norm_backward(const at::Tensor& g, const at::Tensor& x,
                                                                         const at::Tensor& w, const at::Tensor& mean,
-                                                                        const at::Tensor& rstd) {
+                                                                        const at::Tensor& rstd,
+                                                                        std::array<bool, 3> mask = {true, true,
+                                                                                                    true}) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("torchgc::layer_norm_backward", "")
                        .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
                            const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                           const at::Tensor&)>();
-  return op.call(g, x, w, mean, rstd);
+                           const at::Tensor&, std::array<bool, 3>)>();
+  return op.call(g, x, w, mean, rstd, mask);
 }
 
 double max_abs_diff(const at::Tensor& a, const at::Tensor& b) {
@@ -152,6 +156,53 @@ TEST(NormCpu, LayerNormMatchesAtenInFloat64) {
     EXPECT_LE(max_abs_diff(dx, rdx), 1e-10);
     EXPECT_LE(max_abs_diff(dw, rdw), 1e-10);
     EXPECT_LE(max_abs_diff(db, rdb), 1e-10);
+  }
+}
+
+// Each output the mask asks for has the bits of the all-outputs call (the weight-gradient
+// reduction keeps its fixed order); the others are undefined.
+template <size_t K>
+void expect_masked_outputs_match(const std::array<at::Tensor, K>& full, const std::array<at::Tensor, K>& got,
+                                 const std::array<bool, K>& mask, const std::string& what) {
+  for (size_t k = 0; k < K; ++k) {
+    EXPECT_EQ(got[k].defined(), mask[k]) << what << " output " << k;
+    if (mask[k] && got[k].defined()) {
+      EXPECT_TRUE(at::equal(got[k], full[k])) << what << " output " << k;
+    }
+  }
+}
+
+template <typename Tuple>
+auto as_array(const Tuple& t) {
+  return std::apply([](const auto&... ts) { return std::array<at::Tensor, sizeof...(ts)>{ts...}; }, t);
+}
+
+TEST(NormCpu, MaskedBackwardComputesOnlyTheOutputsAskedFor) {
+  at::manual_seed(2);
+  // 300 rows make several parts of the weight-gradient reduction; n = 37 and 20 leave scalar tails.
+  for (auto dtype : {at::kBFloat16, at::kFloat, at::kDouble}) {
+    for (int64_t n : {20, 37, 96}) {
+      auto x = at::randn({300, n}).to(dtype);
+      auto w = (at::rand({n}) + 0.5).to(dtype);
+      auto b = at::randn({n}).to(dtype);
+      auto g = at::randn({300, n}).to(dtype);
+      const std::string what = std::string(c10::toString(dtype)) + " n=" + std::to_string(n);
+      for (bool llama : {false, true}) {
+        auto [y, rstd] = call_rms_norm(x, w, 1e-6, 1.0, llama, false);
+        const auto full = as_array(call_rms_norm_backward(g, x, w, rstd, 1.0, llama));
+        for (std::array<bool, 2> mask : {std::array{true, false}, std::array{false, true}, std::array{false, false}}) {
+          expect_masked_outputs_match(full, as_array(call_rms_norm_backward(g, x, w, rstd, 1.0, llama, mask)), mask,
+                                      "rms_norm " + what);
+        }
+      }
+      auto [y, mean, rstd] = call_layer_norm(x, w, b, 1e-5);
+      const auto full = as_array(call_layer_norm_backward(g, x, w, mean, rstd));
+      for (int bits = 0; bits < 7; ++bits) {
+        const std::array<bool, 3> mask{(bits & 1) != 0, (bits & 2) != 0, (bits & 4) != 0};
+        expect_masked_outputs_match(full, as_array(call_layer_norm_backward(g, x, w, mean, rstd, mask)), mask,
+                                    "layer_norm " + what);
+      }
+    }
   }
 }
 

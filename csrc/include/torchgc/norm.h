@@ -1,9 +1,11 @@
 #pragma once
-// Argument checks and buffers shared by the CPU and CUDA kernels of the fused norms (defined in
-// cpu/norm_cpu.cpp). The schemas are in ops.cpp; the per-row math is in norm_row.h.
+// The fused norm ops' bodies and argument checks, shared by the CPU and CUDA kernels (defined in
+// norm.cpp). The schemas are in ops.cpp; the per-row math is in norm_row.h; each backend's
+// NormKernels is in cpu/norm_cpu.cpp or cuda/norm_cuda.cu.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <array>
 #include <optional>
 
 namespace torchgc {
@@ -18,7 +20,8 @@ at::ScalarType check_norm_forward(const char* op, const at::Tensor& x, const at:
 
 // The kernels of one backend. They receive x, grad_y and the row statistics contiguous, the
 // weight and bias contiguous in the math dtype, and every output allocated (dweight and dbias in
-// the math dtype).
+// the math dtype), except the backward outputs the caller's output_mask left out: those are
+// undefined, and the kernels compute nothing for them.
 struct NormKernels {
   void (*rms_forward)(const at::Tensor& x, const at::Tensor& w, at::Tensor& y, at::Tensor& rstd, double eps,
                       double offset, bool llama);
@@ -36,7 +39,8 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_with(const NormKernels& kernels, con
                                                  bool fp32_output);
 std::tuple<at::Tensor, at::Tensor> rms_norm_backward_with(const NormKernels& kernels, const at::Tensor& grad_y,
                                                           const at::Tensor& x, const at::Tensor& weight,
-                                                          const at::Tensor& rstd, double offset, bool llama_cast);
+                                                          const at::Tensor& rstd, double offset, bool llama_cast,
+                                                          std::array<bool, 2> output_mask);
 std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_with(const NormKernels& kernels, const at::Tensor& x,
                                                                const at::Tensor& weight,
                                                                const std::optional<at::Tensor>& bias, double eps,
@@ -45,7 +49,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_backward_with(const No
                                                                         const at::Tensor& grad_y, const at::Tensor& x,
                                                                         const at::Tensor& weight,
                                                                         const at::Tensor& mean,
-                                                                        const at::Tensor& rstd);
+                                                                        const at::Tensor& rstd,
+                                                                        std::array<bool, 3> output_mask);
 
 // Registers the four ops in a TORCH_LIBRARY_IMPL block with the kernels `Kernels()` returns.
 template <const NormKernels& (*Kernels)()>
@@ -53,15 +58,21 @@ void register_norm_ops(torch::Library& m) {
   m.impl("rms_norm", [](const at::Tensor& x, const at::Tensor& w, double eps, double offset, bool llama,
                         bool fp32_output) { return rms_norm_with(Kernels(), x, w, eps, offset, llama, fp32_output); });
   m.impl("rms_norm_backward", [](const at::Tensor& g, const at::Tensor& x, const at::Tensor& w,
-                                 const at::Tensor& rstd, double offset, bool llama) {
-    return rms_norm_backward_with(Kernels(), g, x, w, rstd, offset, llama);
+                                 const at::Tensor& rstd, double offset, bool llama, std::array<bool, 2> mask) {
+    return rms_norm_backward_with(Kernels(), g, x, w, rstd, offset, llama, mask);
   });
   m.impl("layer_norm", [](const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& b, double eps,
                           bool fp32_output) { return layer_norm_with(Kernels(), x, w, b, eps, fp32_output); });
   m.impl("layer_norm_backward", [](const at::Tensor& g, const at::Tensor& x, const at::Tensor& w,
-                                   const at::Tensor& mean, const at::Tensor& rstd) {
-    return layer_norm_backward_with(Kernels(), g, x, w, mean, rstd);
+                                   const at::Tensor& mean, const at::Tensor& rstd, std::array<bool, 3> mask) {
+    return layer_norm_backward_with(Kernels(), g, x, w, mean, rstd, mask);
   });
+}
+
+// An output's data as P*, or null for an output the mask left undefined.
+template <typename P>
+P* data_or_null(const at::Tensor& t) {
+  return t.defined() ? t.mutable_data_ptr<P>() : nullptr;
 }
 
 // Calls fn(T{}, O{}, A{}) with x's C++ type T, the output's (or incoming gradient's) type O,

@@ -64,6 +64,12 @@ TORCHGC_NORM_HD V norm_dx(V gw, V xhat, V rstd, V c0, V c1) {
   return rstd * (gw - (c0 + xhat * c1));
 }
 
+// p + offset, or null for an output the mask left out (null + offset is undefined behaviour).
+template <typename P>
+TORCHGC_NORM_HD P* offset_or_null(P* p, int64_t offset) {
+  return p == nullptr ? nullptr : p + offset;
+}
+
 // Rows [part * rows_per_part, ...) form one part of the weight-gradient reduction. The split
 // depends on the row count only, never on thread or SM counts, so dweight has the same bits on
 // every run.

@@ -1,21 +1,22 @@
-#pragma once
-// CPU kernels of the fused norms. This header is compiled once per instruction set (norm_cpu.cpp
-// for the baseline, norm_cpu_avx2.cpp with AVX2/FMA/F16C); each copy lives in its own namespace
-// TORCHGC_NORM_ISA, and norm_cpu.cpp picks one at run time. Inputs arrive validated, contiguous
-// and with the weight (and bias) already in the math type A.
+// CPU kernels of the fused norms. CMake compiles this file once per instruction set, each copy
+// with its own TORCHGC_NORM_ISA namespace and flags (baseline; AVX2 + FMA + F16C on x86-64), and
+// norm_cpu.cpp picks one at run time. Inputs arrive validated, contiguous and with the weight
+// (and bias) already in the math type A.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
+#include <algorithm>
 #include <array>
 #include <type_traits>
 
+#include "cpu/norm_kernels.h"
 #include "torchgc/norm.h"
 #include "torchgc/norm_row.h"
 
 #ifndef TORCHGC_NORM_ISA
-#error "define TORCHGC_NORM_ISA before including norm_cpu_kernel.h"
+#error "CMake defines TORCHGC_NORM_ISA, the namespace of this copy of the kernels"
 #endif
 
 namespace torchgc::norm_cpu::TORCHGC_NORM_ISA {
@@ -95,7 +96,7 @@ A row_sum(const T* xr, int64_t n, const Term& term) {
   return s;
 }
 
-template <typename T, typename O, typename A, bool LLAMA>
+template <bool LLAMA, typename T, typename O, typename A>
 void rms_forward_rows(const T* x, const A* w, O* y, A* rstd, int64_t rows, int64_t n, A eps, A offset) {
   at::parallel_for(0, rows, row_grain(n), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
@@ -106,8 +107,8 @@ void rms_forward_rows(const T* x, const A* w, O* y, A* rstd, int64_t rows, int64
       rstd[r] = rs;
       if constexpr (std::is_same_v<A, float>) {
         const fVec rv(rs), ov(offset);
-        fVec a, b;
         for (int64_t j = 0; j < nv; j += kStep) {
+          fVec a, b;
           load2(xr + j, a, b);
           a = a * rv;
           b = b * rv;
@@ -188,17 +189,30 @@ void sum_parts(const A* part, A* out, int64_t parts, int64_t n) {
 inline norm::RowPartition cpu_partition(int64_t rows) { return norm::partition_rows(rows, 32, 256); }
 
 // Calls row(r, acc) for every row, where acc[k] is the k-th accumulator row (length n) of r's
-// part, then sums each accumulator over the parts into outs[k].
+// part, then sums each accumulator over the parts into outs[k]. A null outs[k] (an output the
+// mask left out) gets no accumulator (acc[k] is null); with none, the rows just run in parallel.
 template <size_t K, typename A, typename Row>
 void reduce_rows_by_part(int64_t rows, int64_t n, const std::array<A*, K>& outs, const Row& row) {
+  if (std::all_of(outs.begin(), outs.end(), [](const A* out) { return out == nullptr; })) {
+    at::parallel_for(0, rows, row_grain(n), [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        row(r, std::array<A*, K>{});
+      }
+    });
+    return;
+  }
   const auto split = cpu_partition(rows);
-  const int64_t stride = split.parts * n;
-  std::vector<A> part(static_cast<size_t>(K * stride), A(0));
+  std::array<std::vector<A>, K> part;
+  for (size_t k = 0; k < K; ++k) {
+    if (outs[k] != nullptr) {
+      part[k].assign(static_cast<size_t>(split.parts * n), A(0));
+    }
+  }
   at::parallel_for(0, split.parts, 1, [&](int64_t pbegin, int64_t pend) {
     for (int64_t p = pbegin; p < pend; ++p) {
-      std::array<A*, K> acc;
+      std::array<A*, K> acc{};
       for (size_t k = 0; k < K; ++k) {
-        acc[k] = part.data() + k * stride + p * n;
+        acc[k] = outs[k] != nullptr ? part[k].data() + p * n : nullptr;
       }
       const int64_t rend = std::min(rows, (p + 1) * split.rows_per_part);
       for (int64_t r = p * split.rows_per_part; r < rend; ++r) {
@@ -207,23 +221,27 @@ void reduce_rows_by_part(int64_t rows, int64_t n, const std::array<A*, K>& outs,
     }
   });
   for (size_t k = 0; k < K; ++k) {
-    sum_parts(part.data() + k * stride, outs[k], split.parts, n);
+    if (outs[k] != nullptr) {
+      sum_parts(part[k].data(), outs[k], split.parts, n);
+    }
   }
 }
 
-template <typename T, typename G, typename A, bool LLAMA>
+// The backward kernels compute dx only with DX, and accumulate dweight (dbias) only with DW
+// (DB); each flag is a template argument, so the loops for a frozen weight carry no trace of it.
+template <bool LLAMA, bool DX, bool DW, typename T, typename G, typename A>
 void rms_backward_rows(const G* g, const T* x, const A* w, const A* rstd, T* dx, A* dw, int64_t rows, int64_t n,
                        A offset) {
   reduce_rows_by_part<1>(rows, n, std::array<A*, 1>{dw}, [&](int64_t r, const std::array<A*, 1>& acc) {
     A* pw = acc[0];
     const T* xr = x + r * n;
     const G* gr = g + r * n;
-    T* dxr = dx + r * n;
+    T* dxr = norm::offset_or_null(dx, r * n);
     const A rs = rstd[r];
     const int64_t nv = vec_end<T, A>(n);
     // mean(g * w' * xhat) = sum(g * w' * x) * rstd / n.
     A dot = 0;
-    if constexpr (std::is_same_v<A, float>) {
+    if constexpr (DX && std::is_same_v<A, float>) {
       const fVec ov(offset);
       fVec s0(0.f), s1(0.f), a, b, ga, gb;
       for (int64_t j = 0; j < nv; j += kStep) {
@@ -234,8 +252,10 @@ void rms_backward_rows(const G* g, const T* x, const A* w, const A* rstd, T* dx,
       }
       dot = hsum(s0 + s1);
     }
-    for (int64_t j = nv; j < n; ++j) {
-      dot += static_cast<A>(gr[j]) * (w[j] + offset) * static_cast<A>(xr[j]);
+    if constexpr (DX) {
+      for (int64_t j = nv; j < n; ++j) {
+        dot += static_cast<A>(gr[j]) * (w[j] + offset) * static_cast<A>(xr[j]);
+      }
     }
     const A c1 = dot * rs / static_cast<A>(n);
     if constexpr (std::is_same_v<A, float>) {
@@ -246,29 +266,37 @@ void rms_backward_rows(const G* g, const T* x, const A* w, const A* rstd, T* dx,
         load2(gr + j, ga, gb);
         a = a * rv;
         b = b * rv;
-        const fVec da = norm_dx(ga * (fVec::loadu(w + j) + ov), a, rv, zero, cv);
-        const fVec db = norm_dx(gb * (fVec::loadu(w + j + kF) + ov), b, rv, zero, cv);
-        store2(dxr + j, da, db);
-        if constexpr (LLAMA) {
-          round2<T>(a, b);
+        if constexpr (DX) {
+          const fVec da = norm_dx(ga * (fVec::loadu(w + j) + ov), a, rv, zero, cv);
+          const fVec db = norm_dx(gb * (fVec::loadu(w + j + kF) + ov), b, rv, zero, cv);
+          store2(dxr + j, da, db);
         }
-        at::vec::fmadd(ga, a, fVec::loadu(pw + j)).store(pw + j);
-        at::vec::fmadd(gb, b, fVec::loadu(pw + j + kF)).store(pw + j + kF);
+        if constexpr (DW) {
+          if constexpr (LLAMA) {
+            round2<T>(a, b);
+          }
+          at::vec::fmadd(ga, a, fVec::loadu(pw + j)).store(pw + j);
+          at::vec::fmadd(gb, b, fVec::loadu(pw + j + kF)).store(pw + j + kF);
+        }
       }
     }
     for (int64_t j = nv; j < n; ++j) {
       const A gj = static_cast<A>(gr[j]);
       A xhat = static_cast<A>(xr[j]) * rs;
-      dxr[j] = static_cast<T>(norm_dx(gj * (w[j] + offset), xhat, rs, A(0), c1));
-      if constexpr (LLAMA) {
-        xhat = norm::round_to<T>(xhat);
+      if constexpr (DX) {
+        dxr[j] = static_cast<T>(norm_dx(gj * (w[j] + offset), xhat, rs, A(0), c1));
       }
-      pw[j] += gj * xhat;
+      if constexpr (DW) {
+        if constexpr (LLAMA) {
+          xhat = norm::round_to<T>(xhat);
+        }
+        pw[j] += gj * xhat;
+      }
     }
   });
 }
 
-template <typename T, typename G, typename A>
+template <bool DX, bool DW, bool DB, typename T, typename G, typename A>
 void layer_backward_rows(const G* g, const T* x, const A* w, const A* mean, const A* rstd, T* dx, A* dw, A* db,
                          int64_t rows, int64_t n) {
   reduce_rows_by_part<2>(rows, n, std::array<A*, 2>{dw, db}, [&](int64_t r, const std::array<A*, 2>& acc) {
@@ -276,12 +304,12 @@ void layer_backward_rows(const G* g, const T* x, const A* w, const A* mean, cons
     A* pb = acc[1];
     const T* xr = x + r * n;
     const G* gr = g + r * n;
-    T* dxr = dx + r * n;
+    T* dxr = norm::offset_or_null(dx, r * n);
     const A mu = mean[r];
     const A rs = rstd[r];
     const int64_t nv = vec_end<T, A>(n);
     A sum_gw = 0, sum_gwx = 0;
-    if constexpr (std::is_same_v<A, float>) {
+    if constexpr (DX && std::is_same_v<A, float>) {
       const fVec mv(mu), rv(rs);
       fVec s0(0.f), s1(0.f), t0(0.f), t1(0.f), a, b, ga, gb;
       for (int64_t j = 0; j < nv; j += kStep) {
@@ -297,10 +325,12 @@ void layer_backward_rows(const G* g, const T* x, const A* w, const A* mean, cons
       sum_gw = hsum(s0 + s1);
       sum_gwx = hsum(t0 + t1);
     }
-    for (int64_t j = nv; j < n; ++j) {
-      const A gw = static_cast<A>(gr[j]) * w[j];
-      sum_gw += gw;
-      sum_gwx += gw * ((static_cast<A>(xr[j]) - mu) * rs);
+    if constexpr (DX) {
+      for (int64_t j = nv; j < n; ++j) {
+        const A gw = static_cast<A>(gr[j]) * w[j];
+        sum_gw += gw;
+        sum_gwx += gw * ((static_cast<A>(xr[j]) - mu) * rs);
+      }
     }
     const A c0 = sum_gw / static_cast<A>(n);
     const A c1 = sum_gwx / static_cast<A>(n);
@@ -312,91 +342,117 @@ void layer_backward_rows(const G* g, const T* x, const A* w, const A* mean, cons
         load2(gr + j, ga, gb);
         a = (a - mv) * rv;
         b = (b - mv) * rv;
-        store2(dxr + j, norm_dx(ga * fVec::loadu(w + j), a, rv, c0v, c1v),
-               norm_dx(gb * fVec::loadu(w + j + kF), b, rv, c0v, c1v));
-        at::vec::fmadd(ga, a, fVec::loadu(pw + j)).store(pw + j);
-        at::vec::fmadd(gb, b, fVec::loadu(pw + j + kF)).store(pw + j + kF);
-        (fVec::loadu(pb + j) + ga).store(pb + j);
-        (fVec::loadu(pb + j + kF) + gb).store(pb + j + kF);
+        if constexpr (DX) {
+          store2(dxr + j, norm_dx(ga * fVec::loadu(w + j), a, rv, c0v, c1v),
+                 norm_dx(gb * fVec::loadu(w + j + kF), b, rv, c0v, c1v));
+        }
+        if constexpr (DW) {
+          at::vec::fmadd(ga, a, fVec::loadu(pw + j)).store(pw + j);
+          at::vec::fmadd(gb, b, fVec::loadu(pw + j + kF)).store(pw + j + kF);
+        }
+        if constexpr (DB) {
+          (fVec::loadu(pb + j) + ga).store(pb + j);
+          (fVec::loadu(pb + j + kF) + gb).store(pb + j + kF);
+        }
       }
     }
     for (int64_t j = nv; j < n; ++j) {
       const A gj = static_cast<A>(gr[j]);
       const A xhat = (static_cast<A>(xr[j]) - mu) * rs;
-      dxr[j] = static_cast<T>(norm_dx(gj * w[j], xhat, rs, c0, c1));
-      pw[j] += gj * xhat;
-      pb[j] += gj;
+      if constexpr (DX) {
+        dxr[j] = static_cast<T>(norm_dx(gj * w[j], xhat, rs, c0, c1));
+      }
+      if constexpr (DW) {
+        pw[j] += gj * xhat;
+      }
+      if constexpr (DB) {
+        pb[j] += gj;
+      }
     }
   });
 }
 
-// Calls fn(T{}, U{}, A{}, rows, n): x's type, `other`'s type (the output, or the incoming
-// gradient), the math type, and x seen as rows of n.
+// Calls fn(std::bool_constant<flags>{}...): run-time flags as template arguments.
 template <typename Fn>
-void dispatch_rows(const at::Tensor& x, const at::Tensor& other, Fn&& fn) {
+void with_flags(Fn&& fn) {
+  fn();
+}
+
+template <typename Fn, typename... Rest>
+void with_flags(Fn&& fn, bool flag, Rest... rest) {
+  auto bind = [&](auto tag) { with_flags([&](auto... tags) { fn(tag, tags...); }, rest...); };
+  flag ? bind(std::true_type{}) : bind(std::false_type{});
+}
+
+// Calls fn(T{}, U{}, A{}, rows, n, flag_tags...): x's type, `other`'s type (the output, or the
+// incoming gradient), the math type, x seen as rows of n, and `flags` as with_flags gives them.
+template <typename Fn, typename... Flags>
+void dispatch_rows(const at::Tensor& x, const at::Tensor& other, Fn&& fn, Flags... flags) {
   const int64_t n = x.size(-1);
   const int64_t rows = x.numel() / n;
-  dispatch_norm_types(x.scalar_type(), other.scalar_type(), [&](auto t, auto u, auto acc) { fn(t, u, acc, rows, n); });
+  dispatch_norm_types(x.scalar_type(), other.scalar_type(), [&](auto t, auto u, auto acc) {
+    with_flags([&](auto... tags) { fn(t, u, acc, rows, n, tags...); }, flags...);
+  });
 }
 
-// Calls fn(std::true_type{}) or fn(std::false_type{}): a run-time flag as a template argument.
-template <typename Fn>
-void with_flag(bool flag, Fn&& fn) {
-  flag ? fn(std::true_type{}) : fn(std::false_type{});
+// t's data as the C++ type of `tag`, to read, or to write (null for an output the mask left out).
+template <typename P>
+const P* read_ptr(const at::Tensor& t, P /*tag*/) {
+  return t.const_data_ptr<P>();
 }
 
-}  // namespace
+template <typename P>
+P* write_ptr(const at::Tensor& t, P /*tag*/) {
+  return data_or_null<P>(t);
+}
 
 void rms_norm_forward(const at::Tensor& x, const at::Tensor& w, at::Tensor& y, at::Tensor& rstd, double eps,
                       double offset, bool llama) {
-  dispatch_rows(x, y, [&](auto t, auto o, auto acc, int64_t rows, int64_t n) {
-    using T = decltype(t);
-    using O = decltype(o);
-    using A = decltype(acc);
-    with_flag(llama, [&](auto llama_tag) {
-      rms_forward_rows<T, O, A, decltype(llama_tag)::value>(x.const_data_ptr<T>(), w.const_data_ptr<A>(),
-                                                           y.mutable_data_ptr<O>(), rstd.mutable_data_ptr<A>(), rows, n,
-                                                           static_cast<A>(eps), static_cast<A>(offset));
-    });
-  });
+  dispatch_rows(
+      x, y,
+      [&](auto t, auto o, auto a, int64_t rows, int64_t n, auto... flags) {
+        rms_forward_rows<flags...>(read_ptr(x, t), read_ptr(w, a), write_ptr(y, o), write_ptr(rstd, a), rows, n,
+                                   static_cast<decltype(a)>(eps), static_cast<decltype(a)>(offset));
+      },
+      llama);
 }
 
 void rms_norm_backward(const at::Tensor& g, const at::Tensor& x, const at::Tensor& w, const at::Tensor& rstd,
                        at::Tensor& dx, at::Tensor& dw, double offset, bool llama) {
-  dispatch_rows(x, g, [&](auto t, auto gt, auto acc, int64_t rows, int64_t n) {
-    using T = decltype(t);
-    using G = decltype(gt);
-    using A = decltype(acc);
-    with_flag(llama, [&](auto llama_tag) {
-      rms_backward_rows<T, G, A, decltype(llama_tag)::value>(
-          g.const_data_ptr<G>(), x.const_data_ptr<T>(), w.const_data_ptr<A>(), rstd.const_data_ptr<A>(),
-          dx.mutable_data_ptr<T>(), dw.mutable_data_ptr<A>(), rows, n, static_cast<A>(offset));
-    });
-  });
+  dispatch_rows(
+      x, g,
+      [&](auto t, auto gt, auto a, int64_t rows, int64_t n, auto... flags) {
+        rms_backward_rows<flags...>(read_ptr(g, gt), read_ptr(x, t), read_ptr(w, a), read_ptr(rstd, a),
+                                    write_ptr(dx, t), write_ptr(dw, a), rows, n, static_cast<decltype(a)>(offset));
+      },
+      llama, dx.defined(), dw.defined());
 }
 
 void layer_norm_forward(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b, at::Tensor& y,
                         at::Tensor& mean, at::Tensor& rstd, double eps) {
-  dispatch_rows(x, y, [&](auto t, auto o, auto acc, int64_t rows, int64_t n) {
-    using T = decltype(t);
-    using O = decltype(o);
-    using A = decltype(acc);
-    layer_forward_rows<T, O, A>(x.const_data_ptr<T>(), w.const_data_ptr<A>(), b.const_data_ptr<A>(),
-                                y.mutable_data_ptr<O>(), mean.mutable_data_ptr<A>(), rstd.mutable_data_ptr<A>(), rows,
-                                n, static_cast<A>(eps));
+  dispatch_rows(x, y, [&](auto t, auto o, auto a, int64_t rows, int64_t n) {
+    layer_forward_rows(read_ptr(x, t), read_ptr(w, a), read_ptr(b, a), write_ptr(y, o), write_ptr(mean, a),
+                       write_ptr(rstd, a), rows, n, static_cast<decltype(a)>(eps));
   });
 }
 
 void layer_norm_backward(const at::Tensor& g, const at::Tensor& x, const at::Tensor& w, const at::Tensor& mean,
                          const at::Tensor& rstd, at::Tensor& dx, at::Tensor& dw, at::Tensor& db) {
-  dispatch_rows(x, g, [&](auto t, auto gt, auto acc, int64_t rows, int64_t n) {
-    using T = decltype(t);
-    using G = decltype(gt);
-    using A = decltype(acc);
-    layer_backward_rows<T, G, A>(g.const_data_ptr<G>(), x.const_data_ptr<T>(), w.const_data_ptr<A>(),
-                                 mean.const_data_ptr<A>(), rstd.const_data_ptr<A>(), dx.mutable_data_ptr<T>(),
-                                 dw.mutable_data_ptr<A>(), db.mutable_data_ptr<A>(), rows, n);
-  });
+  dispatch_rows(
+      x, g,
+      [&](auto t, auto gt, auto a, int64_t rows, int64_t n, auto... flags) {
+        layer_backward_rows<flags...>(read_ptr(g, gt), read_ptr(x, t), read_ptr(w, a), read_ptr(mean, a),
+                                      read_ptr(rstd, a), write_ptr(dx, t), write_ptr(dw, a), write_ptr(db, a), rows,
+                                      n);
+      },
+      dx.defined(), dw.defined(), db.defined());
+}
+
+}  // namespace
+
+const NormKernels& kernels() {
+  static const NormKernels table{&rms_norm_forward, &rms_norm_backward, &layer_norm_forward, &layer_norm_backward};
+  return table;
 }
 
 }  // namespace torchgc::norm_cpu::TORCHGC_NORM_ISA
