@@ -99,10 +99,19 @@ at::Tensor param_grad(const at::Tensor& g, const at::Tensor& weight) {
 
 }  // namespace
 
+namespace {
+
+void check_offset(const char* op, double offset) {
+  TORCH_CHECK(std::isfinite(offset), "torchgc::", op, ": expected argument 'offset' to be finite, got ", offset);
+}
+
+}  // namespace
+
 std::tuple<at::Tensor, at::Tensor> rms_norm_with(const NormKernels& kernels, const at::Tensor& x,
                                                  const at::Tensor& weight, double eps, double offset, bool llama_cast,
                                                  bool fp32_output) {
   const auto math = check_norm_forward("rms_norm", x, weight, std::nullopt, eps);
+  check_offset("rms_norm", offset);
   const auto xc = x.contiguous();
   const auto w = norm_param(weight, math);
   auto y = at::empty(x.sizes(), x.options().dtype(fp32_output ? at::kFloat : x.scalar_type()));
@@ -116,6 +125,7 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_backward_with(const NormKernels& ker
                                                           const at::Tensor& rstd, double offset, bool llama_cast,
                                                           std::array<bool, 2> output_mask) {
   const auto math = check_norm_backward("rms_norm_backward", grad_y, x, weight, {{"rstd", &rstd}});
+  check_offset("rms_norm_backward", offset);
   const auto xc = x.contiguous();
   auto dx = grad_output(output_mask[0], x.sizes(), x.options());
   auto dw = grad_output(output_mask[1], {x.size(-1)}, x.options().dtype(math));

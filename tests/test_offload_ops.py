@@ -75,6 +75,23 @@ def test_reload_to_an_unsupported_device_names_the_argument():
         ops.reload(ops.offload(torch.randn(2)), torch.device("meta"))
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error without a GPU")
+def test_reload_to_cuda_without_a_gpu_says_so():
+    # Without the check, a raw "CUDA driver version is insufficient" error from the first CUDA call.
+    message = "no CUDA GPU is available" if ops.load_library().with_cuda else "this build of torchgc has no CUDA kernels"
+    with pytest.raises(RuntimeError, match=rf"torchgc::reload: expected argument 'device' .*{message}"):
+        ops.reload(ops.offload(torch.randn(2)), "cuda:0")
+
+
+@pytest.mark.parametrize("op", ["offload", "wait"])
+@pytest.mark.parametrize("layout", ["sparse_coo", "sparse_csr"])
+def test_sparse_input_is_rejected_naming_the_op_and_the_argument(op, layout):
+    x = torch.randn(2, 3)
+    x = x.to_sparse() if layout == "sparse_coo" else x.to_sparse_csr()
+    with pytest.raises(RuntimeError, match=rf"torchgc::{op}: expected argument 'x' to be a dense \(strided\) tensor, got layout Sparse"):
+        getattr(ops, op)(x)
+
+
 def test_reload_of_a_device_tensor_names_the_argument():
     with pytest.raises(RuntimeError, match=r"torchgc::reload: expected argument 'host' to be a CPU tensor, got one on meta"):
         torch.ops.torchgc.reload.default.redispatch(torch._C.DispatchKeySet("CPU"), torch.empty(2, device="meta"), torch.device("cpu"))

@@ -107,7 +107,12 @@ void wait_cuda(at::Tensor& x) {
 }  // namespace
 
 at::Tensor reload_cuda(const at::Tensor& host, c10::Device device) {
-  TORCH_CHECK(device.has_index() || at::cuda::is_available(), "torchgc::reload: expected argument 'device' to name an available CUDA device, got ", device);
+  // Asked before any CUDA call, which would fail with a bare driver error without a usable GPU.
+  const auto count = c10::cuda::device_count();
+  TORCH_CHECK(count > 0, "torchgc::reload: expected argument 'device' to name an available device, got ", device,
+              " but no CUDA GPU is available (torch.cuda.is_available() is False)");
+  TORCH_CHECK(!device.has_index() || device.index() < count, "torchgc::reload: expected argument 'device' to name one of the ",
+              count, " CUDA devices, got ", device);
   c10::cuda::CUDAGuard guard(device);
   const auto index = c10::cuda::current_device();
   auto compute = c10::cuda::getCurrentCUDAStream(index);
