@@ -41,12 +41,12 @@ build: venv gtest
 ctest: build
 	cd $(BUILD_DIR) && ctest --output-on-failure --no-tests=error
 
-# The C++ tests under AddressSanitizer + UBSan, in their own build folder (CPU kernels only; the
-# instrumented library is never installed into the package).
+# The C++ tests under AddressSanitizer + UBSan with leak detection, in their own build folder (CPU
+# kernels only; the instrumented library is never installed into the package). Part of `make test`.
 ctest-asan: venv gtest
 	$(VENV)/bin/cmake -S . -B build/asan -DPython_EXECUTABLE=$(abspath $(PY)) -DTORCHGC_CUDA=OFF -DTORCHGC_BUILD_TESTS=ON -DTORCHGC_SANITIZE=ON -DCMAKE_BUILD_TYPE=RelWithDebInfo
 	$(VENV)/bin/cmake --build build/asan --parallel $(MAX_JOBS)
-	cd build/asan && ASAN_OPTIONS=detect_leaks=0 ctest --output-on-failure --no-tests=error
+	cd build/asan && ASAN_OPTIONS=detect_leaks=1 ctest --output-on-failure --no-tests=error
 
 pytest: build
 	$(PY) -m pytest -q -ra $(PYTEST_ARGS)
@@ -74,7 +74,7 @@ pytest-overlays: build overlays
 	  $(PY) -m pytest -q -ra -p no:cacheprovider $(PATCH_TESTS) || exit 1; \
 	done
 
-test: ctest pytest pytest-overlays
+test: ctest pytest pytest-overlays ctest-asan
 
 # The main job: every strategy's memory and speed on the embedded default model, cut to 4 layers
 # and 3 timed steps so it takes under 5 minutes on 2 cores (the full run: torchgc bench). The
