@@ -20,32 +20,18 @@ Usage: python -m benchmarks.bench_norm [--quick] [--device cuda]
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from torchgc.bench.measure import median_seconds, synchronizer
+
 EPS = 1e-6
 
 
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _median_seconds(fn, device, repeats, warmup):
-    for _ in range(warmup):
-        fn()
-    _sync(device)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return median_seconds(fn, repeats=repeats, warmup=warmup, sync=synchronizer(device))
 
 
 def _eager_rms(weight):
@@ -201,15 +187,16 @@ def _print_frozen_weight(results, rows, hidden, device):
         print(f"{r['kind']:8} {r['frozen_s'] * 1e3:10.3f} {r['trainable_s'] * 1e3:13.3f} {r['ratio']:7.2f}")
 
 
-def main(argv=None):
+def run_all(argv=None) -> list:
+    """Runs and prints every table; returns the rows of the first ones (one dict per candidate)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer repeats and a smaller batch (smoke run)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available, and cpu)")
-    parser.add_argument("--rows", type=int, default=4096)
+    parser.add_argument("--rows", type=int, default=None, help="rows of x (default: 4096, or 512 with --quick)")
     parser.add_argument("--hidden", type=int, default=4096)
     parser.add_argument("--repeats", type=int, default=None)
     args = parser.parse_args(argv)
-    rows = 512 if args.quick else args.rows
+    rows = args.rows or (512 if args.quick else 4096)
     repeats = args.repeats or (5 if args.quick else 30)
     warmup = 2 if args.quick else 5
     if args.device:
@@ -230,5 +217,10 @@ def main(argv=None):
     return all_results
 
 
+def main(argv=None) -> int:
+    run_all(argv)
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())
