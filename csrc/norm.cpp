@@ -41,8 +41,9 @@ at::ScalarType check_norm_forward(const char* op, const at::Tensor& x, const at:
   const auto xt = x.scalar_type();
   TORCH_CHECK(xt == at::kBFloat16 || xt == at::kHalf || xt == at::kFloat || xt == at::kDouble, "torchgc::", op,
               ": expected argument 'x' to have dtype BFloat16, Half, Float or Double, got ", xt);
-  TORCH_CHECK(x.dim() >= 1 && x.numel() > 0, "torchgc::", op,
-              ": expected argument 'x' to be a non-empty tensor with at least one dimension, got shape ", x.sizes());
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) > 0, "torchgc::", op,
+              ": expected argument 'x' to have at least one dimension and a last dimension of size >= 1, got shape ",
+              x.sizes());
   check_param(op, "weight", weight, x);
   if (bias.has_value()) {
     check_param(op, "bias", *bias, x);
@@ -97,12 +98,20 @@ at::Tensor param_grad(const at::Tensor& g, const at::Tensor& weight) {
   return g.defined() ? g.to(weight.scalar_type()) : g;
 }
 
-}  // namespace
-
-namespace {
-
 void check_offset(const char* op, double offset) {
   TORCH_CHECK(std::isfinite(offset), "torchgc::", op, ": expected argument 'offset' to be finite, got ", offset);
+}
+
+// x with no rows (a leading dimension of size 0): outputs are empty and parameter gradients zero.
+// No kernel runs, since a CUDA launch of zero blocks is an error.
+bool has_rows(const at::Tensor& x) { return x.numel() > 0; }
+
+void zero_param_grads(std::initializer_list<at::Tensor*> grads) {
+  for (at::Tensor* g : grads) {
+    if (g->defined()) {
+      g->zero_();
+    }
+  }
 }
 
 }  // namespace
@@ -116,7 +125,9 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_with(const NormKernels& kernels, con
   const auto w = norm_param(weight, math);
   auto y = at::empty(x.sizes(), x.options().dtype(fp32_output ? at::kFloat : x.scalar_type()));
   auto rstd = norm_row_stats(x, math);
-  kernels.rms_forward(xc, w, y, rstd, eps, offset, llama_cast);
+  if (has_rows(x)) {
+    kernels.rms_forward(xc, w, y, rstd, eps, offset, llama_cast);
+  }
   return {y, rstd};
 }
 
@@ -129,8 +140,12 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_backward_with(const NormKernels& ker
   const auto xc = x.contiguous();
   auto dx = grad_output(output_mask[0], x.sizes(), x.options());
   auto dw = grad_output(output_mask[1], {x.size(-1)}, x.options().dtype(math));
-  kernels.rms_backward(grad_y.contiguous(), xc, norm_param(weight, math), rstd.contiguous(), dx, dw, offset,
-                       llama_cast);
+  if (has_rows(x)) {
+    kernels.rms_backward(grad_y.contiguous(), xc, norm_param(weight, math), rstd.contiguous(), dx, dw, offset,
+                         llama_cast);
+  } else {
+    zero_param_grads({&dw});
+  }
   return {dx, param_grad(dw, weight)};
 }
 
@@ -145,7 +160,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_with(const NormKernels
   auto y = at::empty(x.sizes(), x.options().dtype(fp32_output ? at::kFloat : x.scalar_type()));
   auto mean = norm_row_stats(x, math);
   auto rstd = norm_row_stats(x, math);
-  kernels.layer_forward(xc, w, b, y, mean, rstd, eps);
+  if (has_rows(x)) {
+    kernels.layer_forward(xc, w, b, y, mean, rstd, eps);
+  }
   return {y, mean, rstd};
 }
 
@@ -160,8 +177,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_backward_with(const No
   auto dx = grad_output(output_mask[0], x.sizes(), x.options());
   auto dw = grad_output(output_mask[1], {x.size(-1)}, x.options().dtype(math));
   auto db = grad_output(output_mask[2], {x.size(-1)}, x.options().dtype(math));
-  kernels.layer_backward(grad_y.contiguous(), xc, norm_param(weight, math), mean.contiguous(), rstd.contiguous(),
-                         dx, dw, db);
+  if (has_rows(x)) {
+    kernels.layer_backward(grad_y.contiguous(), xc, norm_param(weight, math), mean.contiguous(), rstd.contiguous(),
+                           dx, dw, db);
+  } else {
+    zero_param_grads({&dw, &db});
+  }
   return {dx, param_grad(dw, weight), param_grad(db, weight)};
 }
 

@@ -3,6 +3,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import settings
+
+# Property-based tests are derandomized (the same examples on every run) and bounded for CI.
+settings.register_profile("torchgc", derandomize=True, database=None, deadline=None, max_examples=60)
+settings.load_profile("torchgc")
 
 
 def pytest_collection_modifyitems(config, items):

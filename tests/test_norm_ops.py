@@ -8,6 +8,8 @@ import sys
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
@@ -57,12 +59,12 @@ def layer_ref(x, w, b=None):
     return nn.functional.layer_norm(x, x.shape[-1:], w, b, EPS)
 
 
-def noise_floors(x, w, g, kind, offset=0.0):
+def noise_floors(x, w, g, kind, offset=0.0, eps=EPS):
     """fp32 rounding noise of y, dx, dweight (and dbias): 16 float32 ulps of the largest term each
     sums. Results that cancel to near zero (dx at hidden 1) are only known to that precision."""
     x, w, g = x.double(), w.double(), g.double()
     xc = x - x.mean(-1, keepdim=True) if kind == "layer" else x
-    rstd = torch.rsqrt(xc.pow(2).mean(-1, keepdim=True) + EPS)
+    rstd = torch.rsqrt(xc.pow(2).mean(-1, keepdim=True) + eps)
     xhat = (xc * rstd).abs()
     w_eff = (w + offset).abs()
     n = x.shape[-1]
@@ -144,6 +146,50 @@ def test_layer_norm_error_no_worse_than_torch_eager(rows, hidden, x_name, w_kind
     dtypes = [x_dtype, x_dtype, w_dtype, w_dtype][: len(ours)]
     assert [t.dtype for t in ours] == dtypes
     check_no_worse(ours, theirs, ref, dtypes, names, noise_floors(x, w, g, "layer"))
+
+
+@settings(max_examples=300)
+@given(kind=st.sampled_from(["rms", "layer"]), leading=st.lists(st.integers(0, 4), max_size=2),
+       hidden=st.sampled_from([1, 2, 3, 7, 16, 17, 64, 255, 1000, 4097]), x_name=st.sampled_from(["bf16", "fp16", "fp32"]),
+       w_in_x_dtype=st.booleans(), strided=st.booleans(), eps=st.sampled_from([1e-12, 1e-6, 1e-5, 0.1]),
+       offset=st.sampled_from([0.0, 1.0]), bias=st.booleans(), seed=st.integers(0, 2**16))
+def test_random_shapes_dtypes_strides_and_eps_agree_with_float64(kind, leading, hidden, x_name, w_in_x_dtype, strided, eps,
+                                                                 offset, bias, seed):
+    x_dtype = DTYPES[x_name]
+    w_dtype = x_dtype if w_in_x_dtype else torch.float32
+    gen = torch.Generator().manual_seed(seed)
+    shape = (*leading, hidden)
+    # strided: rows of x are not contiguous in memory (a slice of wider rows).
+    wide = (torch.randn(*leading, hidden + 3, generator=gen) * 2 + 0.5).to(x_dtype)
+    x = wide[..., :hidden] if strided else wide[..., :hidden].contiguous()
+    w = (1 + 0.5 * torch.randn(hidden, generator=gen)).to(w_dtype)
+    b = (0.3 * torch.randn(hidden, generator=gen)).to(w_dtype) if bias and kind == "layer" else None
+    g = torch.randn(shape, generator=gen).to(x_dtype)
+
+    def fused(x_, w_, b_=None):
+        return ops.rms_norm(x_, w_, eps, offset) if kind == "rms" else ops.layer_norm(x_, w_, b_, eps)
+
+    def reference(x_, w_, b_=None):
+        if kind == "rms":
+            return x_ * torch.rsqrt(x_.pow(2).mean(-1, keepdim=True) + eps) * (offset + w_)
+        return nn.functional.layer_norm(x_, x_.shape[-1:], w_, b_, eps)
+
+    leaves = [t.requires_grad_(True) if t is x else t.detach().clone().requires_grad_(True) for t in (x, w, b) if t is not None]
+    y = fused(*leaves)
+    y.backward(g)
+    got = [y.detach()] + [t.grad for t in leaves]
+    assert got[0].dtype == x_dtype and got[1].dtype == x_dtype and got[2].dtype == w_dtype
+    ref = float64_grads(reference, x.detach(), w, g, b)
+    if x.numel() == 0:  # no rows: empty outputs, zero parameter gradients
+        assert got[0].shape == shape and got[1].shape == shape
+        assert all(torch.equal(p, torch.zeros_like(p)) for p in got[2:])
+        return
+    floors = noise_floors(x.detach(), w, g, kind, offset if kind == "rms" else 0.0, eps)
+    dtypes = [x_dtype, x_dtype, w_dtype, w_dtype]
+    for name, o, r, dtype, floor in zip(["y", "dx", "dweight", "dbias"], got, ref, dtypes, floors):
+        # 1e-12: the float64 reference's own rounding (its LayerNorm of a one-element row is ~1e-13, not 0).
+        bound = max(half_ulp_bound(r, dtype), floor) * 1.01 + 1e-12
+        assert max_err(o, r) <= bound, f"{name}: error {max_err(o, r):.3g} > bound {bound:.3g}"
 
 
 @pytest.mark.parametrize("w_dtype", [torch.float32, torch.bfloat16])
@@ -460,9 +506,9 @@ def test_bad_inputs_raise_errors_naming_op_and_problem(device):
                  lambda: rms(x, torch.ones(2, 4, device=device), 1e-6, 0.0, False, False))
     expect_error(r"torchgc::rms_norm: expected argument 'x' to have dtype .*got (Long|torch.int64)",
                  lambda: rms(torch.ones(4, 8, dtype=torch.long, device=device), w, 1e-6, 0.0, False, False))
-    expect_error(r"torchgc::layer_norm: expected argument 'x' to be a non-empty tensor .*got shape \[0, 8\]",
-                 lambda: layer(torch.ones(0, 8, dtype=torch.bfloat16, device=device), w, None, 1e-6, False))
-    expect_error(r"torchgc::rms_norm: expected argument 'x' to be a non-empty tensor .*got shape \[\]",
+    expect_error(r"torchgc::layer_norm: expected argument 'x' to have at least one dimension and a last dimension of size >= 1, got shape \[8, 0\]",
+                 lambda: layer(torch.ones(8, 0, dtype=torch.bfloat16, device=device), torch.ones(0, device=device), None, 1e-6, False))
+    expect_error(r"torchgc::rms_norm: expected argument 'x' to have at least one dimension .*got shape \[\]",
                  lambda: rms(torch.ones((), dtype=torch.bfloat16, device=device), torch.ones(1, device=device),
                              1e-6, 0.0, False, False))
     expect_error(r"torchgc::rms_norm: expected argument 'eps' to be finite and >= 0, got -1",

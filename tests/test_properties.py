@@ -9,13 +9,10 @@ import copy
 import warnings
 
 import torch
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 import torchgc
-
-settings.register_profile("torchgc", derandomize=True, database=None, deadline=None, max_examples=60)
-settings.load_profile("torchgc")
 
 WIDTH = 8
 

@@ -162,7 +162,7 @@ class _FusedForward:
         usable = (
             not args and not kwargs and isinstance(hidden_states, torch.Tensor)
             and hidden_states.dtype in _FUSED_DTYPES and weight.dtype in (torch.float32, hidden_states.dtype)
-            and (bias is None or bias.dtype == weight.dtype) and hidden_states.numel() > 0
+            and (bias is None or bias.dtype == weight.dtype) and hidden_states.dim() > 0
         )
         if not usable:
             fallback = state.original_forward if state.original_forward is not None else type(module).forward.__get__(module)

@@ -160,8 +160,8 @@ def _check_norm_param(op, name, p, x):
 def _check_norm_forward(op, x, weight, bias, eps):
     if x.dtype not in _NORM_X_DTYPES:
         _norm_error(op, f"expected argument 'x' to have dtype bfloat16, float16, float32 or float64, got {x.dtype}")
-    if x.dim() < 1 or x.numel() == 0:
-        _norm_error(op, f"expected argument 'x' to be a non-empty tensor with at least one dimension, got shape {list(x.shape)}")
+    if x.dim() < 1 or x.shape[-1] == 0:
+        _norm_error(op, f"expected argument 'x' to have at least one dimension and a last dimension of size >= 1, got shape {list(x.shape)}")
     _check_norm_param(op, "weight", weight, x)
     if bias is not None:
         _check_norm_param(op, "bias", bias, x)
