@@ -159,3 +159,104 @@ def test_run_without_a_program_says_what_to_give():
     for argv, message in ((["run", "-m"], "-m needs a module name"), (["run", "--strategy", "auto"], "give a script to run, or -m MODULE")):
         with pytest.raises(SystemExit, match=message):
             cli.main(argv)
+
+
+# --- processes the program starts: torchrun workers ------------------------------------------
+
+# An unmodified DDP program run by torchrun. Each worker reports which function its layers
+# checkpoint with, with which options, how often it ran, and whether the user's own sitecustomize
+# (which torchgc's must not hide) ran in it.
+WORKER_SCRIPT = textwrap.dedent(
+    """
+    import json, os, sys
+    import torch, torch.distributed as dist, transformers
+
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    model.gradient_checkpointing_enable()
+    installed = model.model.layers[0]._gradient_checkpointing_func
+    calls = []
+    for layer in model.model.layers:
+        def counting(*a, _inner=layer._gradient_checkpointing_func, **k):
+            calls.append(1)
+            return _inner(*a, **k)
+        layer._gradient_checkpointing_func = counting
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(rank))
+    ddp(input_ids=ids, labels=ids).loss.backward()
+    target = getattr(installed, "func", installed)
+    report = {
+        "function": target.__module__ + "." + target.__qualname__,
+        "keywords": {k: v for k, v in getattr(installed, "keywords", {}).items() if isinstance(v, (str, bool, int, type(None)))},
+        "calls": len(calls),
+        "user_sitecustomize": os.environ.get("USER_SITECUSTOMIZE_RAN"),
+    }
+    with open(os.path.join(sys.argv[1], f"rank{rank}.json"), "w") as f:
+        json.dump(report, f)
+    dist.destroy_process_group()
+    """
+)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run_bounded(command, cwd, env, timeout=420):
+    """Runs command in its own process group; on timeout the whole group is killed, so no worker is left behind."""
+    import signal
+
+    proc = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"timed out after {timeout} s; stderr:\n{err[-3000:]}")
+    return subprocess.CompletedProcess(command, proc.returncode, out, err)
+
+
+def test_torchrun_workers_are_patched_with_the_launcher_options(tmp_path):
+    (tmp_path / "worker.py").write_text(WORKER_SCRIPT)
+    user_site = tmp_path / "user_site"
+    user_site.mkdir()
+    (user_site / "sitecustomize.py").write_text("import os\nos.environ['USER_SITECUSTOMIZE_RAN'] = 'yes'\n")
+    out = tmp_path / "out"
+    out.mkdir()
+    env = _environment(PYTHONPATH=str(user_site), OMP_NUM_THREADS="1")
+    command = [sys.executable, "-m", "torchgc", "run", "--strategy", "offload", "--no-prefetch", "--min-offload-bytes", "0",
+               "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+               "--master_port", str(_free_port()), str(tmp_path / "worker.py"), str(out)]
+    done = _run_bounded(command, cwd=tmp_path, env=env)
+    assert done.returncode == 0, done.stderr[-4000:]
+    for rank in (0, 1):
+        report = json.loads((out / f"rank{rank}.json").read_text())
+        assert report["function"] == "torchgc.strategies.checkpoint", report
+        assert (report["keywords"]["strategy"], report["keywords"]["prefetch"], report["keywords"]["min_offload_bytes"]) == ("offload", False, 0)
+        assert report["calls"] == 2, report
+        assert report["user_sitecustomize"] == "yes", "torchgc's startup hook hid the user's sitecustomize"
+
+
+def test_console_scripts_are_found_on_the_path(tmp_path):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    tool = bin_dir / "tgc-probe-tool"
+    tool.write_text(f"#!{sys.executable}\nimport sys\nfrom transformers import PreTrainedModel\n"
+                    "open(sys.argv[1], 'w').write(PreTrainedModel.gradient_checkpointing_enable.__module__)\n")
+    tool.chmod(0o755)
+    (bin_dir / "not-python").write_text("#!/bin/sh\necho hi\n")
+    (bin_dir / "not-python").chmod(0o755)
+    env = _environment(PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    done = _launch([sys.executable, "-m", "torchgc", "run", "tgc-probe-tool", str(tmp_path / "out.txt")], cwd=tmp_path, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (tmp_path / "out.txt").read_text() == "torchgc.patching"
+    done = _launch([sys.executable, "-m", "torchgc", "run", "not-python"], cwd=tmp_path, env=env)
+    assert done.returncode != 0 and "is not a Python script" in done.stderr

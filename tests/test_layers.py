@@ -17,7 +17,7 @@ LAYERS = [
     ("norms", ["torchgc.norm"]),
     ("integrations", ["torchgc.integrations", "torchgc.integrations.*"]),
     ("patching", ["torchgc.patching"]),
-    ("front door", ["torchgc", "torchgc.__main__", "torchgc.cli", "torchgc.bench", "torchgc.bench.*"]),
+    ("front door", ["torchgc", "torchgc.__main__", "torchgc.cli", "torchgc.bench", "torchgc.bench.*", "torchgc._startup.sitecustomize"]),
 ]
 
 

@@ -6,6 +6,7 @@ Each command registers itself in COMMANDS with a function that adds its subparse
 import argparse
 import os
 import runpy
+import shutil
 import sys
 from typing import Callable, List, Optional
 
@@ -34,16 +35,48 @@ def _add_patch_options(parser: argparse.ArgumentParser) -> None:
 def _add_run(subparsers) -> None:
     parser = subparsers.add_parser(
         "run",
-        help="run a Python script with torchgc.patch() applied",
-        description="Applies torchgc.patch(), then runs the script (or -m module) as __main__ with its arguments, "
-        "so an unmodified training script checkpoints through torchgc.",
+        help="run a Python program with torchgc.patch() applied, in every process it starts",
+        description="Applies torchgc.patch(), then runs the script, console script (llamafactory-cli, torchrun, "
+        "accelerate) or -m module as __main__ with its arguments, so an unmodified training program checkpoints "
+        "through torchgc. Python processes it starts (torchrun and accelerate workers) are patched with the same options.",
     )
     _add_patch_options(parser)
     # As with `python -m`, everything after the script or after `-m MODULE` is the program's own.
     parser.add_argument("-m", dest="module", nargs=argparse.REMAINDER, metavar="MODULE ...", help="run a module, as python -m does")
-    parser.add_argument("target", metavar="script.py", help="the script to run", nargs="?")
+    parser.add_argument("target", metavar="script.py", help="the script to run, or a console script on PATH", nargs="?")
     parser.add_argument("args", nargs=argparse.REMAINDER, help="the script's arguments")
     parser.set_defaults(handler=_run)
+
+
+STARTUP_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_startup")
+
+
+def _export_to_child_processes(given: dict) -> None:
+    """Child Python processes (torchrun workers, ...) read the options from TORCHGC_* variables and
+    patch themselves through the sitecustomize in STARTUP_DIR (see there)."""
+    for name, value in given.items():
+        if value is not None:
+            os.environ[config.env_var(name)] = ("true" if value else "false") if isinstance(value, bool) else str(value)
+    path = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = STARTUP_DIR + (os.pathsep + path if path else "")
+
+
+def _find_script(name: str) -> str:
+    if os.path.exists(name):
+        return name
+    # A console script (llamafactory-cli, torchrun, accelerate): a Python file on PATH.
+    found = shutil.which(name)
+    if found is None:
+        raise SystemExit(f"torchgc run: no such script: {name}")
+    if not _is_python_script(found):
+        raise SystemExit(f"torchgc run: {found} is not a Python script, so torchgc cannot run it in this process")
+    return found
+
+
+def _is_python_script(path: str) -> bool:
+    with open(path, "rb") as f:
+        first = f.readline()
+    return first.startswith(b"#!") and b"python" in first
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -51,6 +84,7 @@ def _run(args: argparse.Namespace) -> int:
 
     options = {name: getattr(args, name) for name in config.OPTION_NAMES}
     torchgc.patch(**options)
+    _export_to_child_processes(options)
     if args.module is not None:
         if not args.module:
             raise SystemExit("torchgc run: -m needs a module name, as in: torchgc run -m MODULE [args ...]")
@@ -60,9 +94,7 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     if args.target is None:
         raise SystemExit("torchgc run: give a script to run, or -m MODULE")
-    script, script_args = args.target, list(args.args)
-    if not os.path.exists(script):
-        raise SystemExit(f"torchgc run: no such script: {script}")
+    script, script_args = _find_script(args.target), list(args.args)
     sys.argv = [script, *script_args]
     # As `python script.py` does: the script's directory comes first on the import path.
     sys.path.insert(0, os.path.dirname(os.path.abspath(script)))
