@@ -314,42 +314,29 @@ def test_baseline_cpu_kernels_agree_with_float64_reference():
     assert out.stdout.strip() == "DEFAULT"
 
 
+# First derivatives, and second ones (create_graph=True: the backward is differentiated again).
+DERIVATIVE_CHECKS = {"first": torch.autograd.gradcheck, "second": torch.autograd.gradgradcheck}
+
+
+@pytest.mark.parametrize("order", sorted(DERIVATIVE_CHECKS))
 @pytest.mark.parametrize("offset", [0.0, 1.0])
 @pytest.mark.parametrize("casting", ["fp32", "llama"])
-def test_rms_norm_gradcheck_float64(offset, casting):
+def test_rms_norm_derivatives_float64(order, offset, casting):
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(2, 3, 13, generator=gen, dtype=torch.float64, requires_grad=True)
     w = torch.randn(13, generator=gen, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda x_, w_: ops.rms_norm(x_, w_, 1e-5, offset, casting), (x, w))
+    assert DERIVATIVE_CHECKS[order](lambda x_, w_: ops.rms_norm(x_, w_, 1e-5, offset, casting), (x, w))
 
 
+@pytest.mark.parametrize("order", sorted(DERIVATIVE_CHECKS))
 @pytest.mark.parametrize("bias", [True, False])
-def test_layer_norm_gradcheck_float64(bias):
+def test_layer_norm_derivatives_float64(order, bias):
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(4, 17, generator=gen, dtype=torch.float64, requires_grad=True)
     w = torch.randn(17, generator=gen, dtype=torch.float64, requires_grad=True)
     b = torch.randn(17, generator=gen, dtype=torch.float64, requires_grad=True) if bias else None
     inputs = (x, w, b) if bias else (x, w)
-    assert torch.autograd.gradcheck(lambda x_, w_, b_=None: ops.layer_norm(x_, w_, b_, 1e-5), inputs)
-
-
-@pytest.mark.parametrize("offset", [0.0, 1.0])
-@pytest.mark.parametrize("casting", ["fp32", "llama"])
-def test_rms_norm_second_derivatives_float64(offset, casting):
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(2, 3, 13, generator=gen, dtype=torch.float64, requires_grad=True)
-    w = torch.randn(13, generator=gen, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradgradcheck(lambda x_, w_: ops.rms_norm(x_, w_, 1e-5, offset, casting), (x, w))
-
-
-@pytest.mark.parametrize("bias", [True, False])
-def test_layer_norm_second_derivatives_float64(bias):
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(4, 17, generator=gen, dtype=torch.float64, requires_grad=True)
-    w = torch.randn(17, generator=gen, dtype=torch.float64, requires_grad=True)
-    b = torch.randn(17, generator=gen, dtype=torch.float64, requires_grad=True) if bias else None
-    inputs = (x, w, b) if bias else (x, w)
-    assert torch.autograd.gradgradcheck(lambda x_, w_, b_=None: ops.layer_norm(x_, w_, b_, 1e-5), inputs)
+    assert DERIVATIVE_CHECKS[order](lambda x_, w_, b_=None: ops.layer_norm(x_, w_, b_, 1e-5), inputs)
 
 
 @pytest.mark.parametrize("kind", ["rms", "layer"])
