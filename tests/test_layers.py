@@ -13,6 +13,7 @@ PACKAGE_DIR = Path(__file__).resolve().parent.parent / "torchgc"
 LAYERS = [
     ("op bindings", ["torchgc._library", "torchgc.ops"]),
     ("options", ["torchgc.config"]),
+    ("counters", ["torchgc.counters"]),
     ("strategies", ["torchgc.offload", "torchgc.strategies"]),
     ("norms", ["torchgc.norm"]),
     ("integrations", ["torchgc.integrations", "torchgc.integrations.*"]),

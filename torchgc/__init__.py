@@ -5,6 +5,8 @@ transformers (that happens when patch() or a model's enable runs).
 """
 
 from torchgc import norm, ops
+from torchgc.counters import reset as reset_stats
+from torchgc.counters import snapshot as stats
 from torchgc.config import STRATEGIES
 from torchgc.integrations import distributed as _distributed
 from torchgc.integrations.llamafactory import prepare_model_for_training
@@ -18,7 +20,8 @@ _add_reentrant_check(_distributed.ddp_reentrant_conflict)
 __version__ = "0.1.0"
 
 __all__ = [
-    "BUILD_INFO", "STRATEGIES", "checkpoint", "norm", "ops", "patch", "patched", "prepare_model_for_training", "unpatch", "__version__",
+    "BUILD_INFO", "STRATEGIES", "checkpoint", "norm", "ops", "patch", "patched", "prepare_model_for_training", "reset_stats", "stats",
+    "unpatch", "__version__",
 ]
 
 

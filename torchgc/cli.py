@@ -4,6 +4,7 @@ Each command registers itself in COMMANDS with a function that adds its subparse
 """
 
 import argparse
+import atexit
 import os
 import runpy
 import shutil
@@ -41,6 +42,8 @@ def _add_run(subparsers) -> None:
         "through torchgc. Python processes it starts (torchrun and accelerate workers) are patched with the same options.",
     )
     _add_patch_options(parser)
+    parser.add_argument("--report", metavar="DIR", help="at exit, write what torchgc did (checkpoint calls by strategy and layer, "
+                        "bytes offloaded, fused norm calls) to DIR/torchgc-<pid>.json, from this process and every one it starts")
     # As with `python -m`, everything after the script or after `-m MODULE` is the program's own.
     parser.add_argument("-m", dest="module", nargs=argparse.REMAINDER, metavar="MODULE ...", help="run a module, as python -m does")
     parser.add_argument("target", metavar="script.py", help="the script to run, or a console script on PATH", nargs="?")
@@ -85,6 +88,9 @@ def _run(args: argparse.Namespace) -> int:
     options = {name: getattr(args, name) for name in config.OPTION_NAMES}
     torchgc.patch(**options)
     _export_to_child_processes(options)
+    if args.report:
+        os.environ[config.REPORT_VARIABLE] = os.path.abspath(args.report)
+        atexit.register(torchgc.counters.write_report, os.path.abspath(args.report))
     if args.module is not None:
         if not args.module:
             raise SystemExit("torchgc run: -m needs a module name, as in: torchgc run -m MODULE [args ...]")

@@ -43,14 +43,16 @@ def env_var(name: str) -> str:
     return "TORCHGC_" + name.upper()
 
 
-# Read by setup.py when torchgc is built, not here.
-BUILD_VARIABLES = ("TORCHGC_CUDA", "TORCHGC_BUILD_TESTS", "TORCHGC_SANITIZE", "TORCHGC_BUILD_DIR")
+# TORCHGC_* variables that are not options: read by setup.py when torchgc is built, and
+# TORCHGC_REPORT, which `torchgc run --report` sets for the processes it starts.
+OTHER_VARIABLES = ("TORCHGC_CUDA", "TORCHGC_BUILD_TESTS", "TORCHGC_SANITIZE", "TORCHGC_BUILD_DIR", "TORCHGC_REPORT")
+REPORT_VARIABLE = "TORCHGC_REPORT"
 _warned_unknown = set()
 
 
 def _warn_unknown_variables(environ: Mapping[str, str]) -> None:
     """One warning per TORCHGC_* variable torchgc does not read (a typo silently does nothing)."""
-    known = [env_var(name) for name in OPTION_NAMES] + list(BUILD_VARIABLES)
+    known = [env_var(name) for name in OPTION_NAMES] + list(OTHER_VARIABLES)
     for name in sorted(environ):
         if name.startswith("TORCHGC_") and name not in known and name not in _warned_unknown:
             _warned_unknown.add(name)
@@ -143,6 +145,12 @@ def _parse_env(function: str, name: str, text: str) -> Any:
 
 def resolve(function: str, given: Mapping[str, Any], environ: Optional[Mapping[str, str]] = None) -> Options:
     """Options from ``given`` (None entries mean not given), then the environment, then defaults."""
+    return dataclasses.replace(DEFAULTS, **explicit(function, given, environ))
+
+
+def explicit(function: str, given: Mapping[str, Any], environ: Optional[Mapping[str, str]] = None) -> dict:
+    """The options given (None entries mean not given) or else set in the environment, validated:
+    what overrides the defaults, and the flags of a framework such as LLaMA-Factory."""
     environ = os.environ if environ is None else environ
     _warn_unknown_variables(environ)
     unknown = set(given) - set(OPTION_NAMES)
@@ -155,7 +163,7 @@ def resolve(function: str, given: Mapping[str, Any], environ: Optional[Mapping[s
             values[name] = check(function, name, value)
         elif environ.get(env_var(name)) is not None:
             values[name] = _parse_env(function, name, environ[env_var(name)])
-    return dataclasses.replace(DEFAULTS, **values)
+    return values
 
 
 def override(function: str, options: Options, keys: Mapping[str, Any], argument: str) -> Options:

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from torchgc import ops
+from torchgc import counters, ops
 
 __all__ = ["NormPatch", "fuse_norms", "upcast_layernorm", "upcast_lmhead_output"]
 
@@ -167,6 +167,7 @@ class _FusedForward:
         if not usable:
             fallback = state.original_forward if state.original_forward is not None else type(module).forward.__get__(module)
             return fallback(hidden_states, *args, **kwargs)
+        counters.add("fused_norm_calls")
         return _fused_call(module, state.spec, hidden_states)
 
 
@@ -256,6 +257,7 @@ def upcast_layernorm(model: nn.Module) -> NormPatch:
 
 
 def _logits_to_fp32(_module, _args, output):
+    counters.add("fp32_logits_calls")
     return output.float()
 
 

@@ -14,7 +14,7 @@ from typing import Optional
 
 import torch
 
-from torchgc import ops
+from torchgc import counters, ops
 
 
 @dataclass(frozen=True)
@@ -61,6 +61,7 @@ class _Entry:
             self.modified_at = self.device_tensor._version  # raised at unpack, where autograd raises
         self.host = ops.offload(self.device_tensor)
         self.device_tensor = None
+        counters.add("offloaded_bytes", self.host.numel() * self.host.element_size())
 
     def check_unmodified(self) -> None:
         versions = [self.modified_at] + [t._version for t in (ref() for ref in self.aliases) if t is not None]

@@ -13,6 +13,7 @@ import torch
 import torch.utils.checkpoint
 from torch.utils import _pytree as pytree
 
+from torchgc import counters
 from torchgc.config import DEFAULT_MIN_OFFLOAD_BYTES, STRATEGIES
 from torchgc.offload import OffloadPolicy, offload_hooks
 
@@ -54,7 +55,10 @@ def checkpoint(
     flags = {"use_reentrant": use_reentrant, "preserve_rng_state": preserve_rng_state, "only_trainable": only_trainable, "prefetch": prefetch}
     _check_arguments(strategy, flags, min_offload_bytes, max_host_bytes)
     module = owning_module(function)
-    if not torch.is_grad_enabled() or (only_trainable and module is not None and _is_frozen(module)):
+    if not torch.is_grad_enabled():
+        return function(*args, **kwargs)
+    if only_trainable and module is not None and _is_frozen(module):
+        counters.record_checkpoint(module, "frozen")
         return function(*args, **kwargs)
 
     reason = _reentrant_would_fail(args, module) if use_reentrant else None
@@ -78,6 +82,7 @@ def checkpoint(
             max_host_bytes=max_host_bytes,
         )
         hooks = offload_hooks(policy)
+    counters.record_checkpoint(module, "checkpoint" if isinstance(hooks, contextlib.nullcontext) else "offload")
     with hooks:
         return torch.utils.checkpoint.checkpoint(
             function, *args, use_reentrant=use_reentrant, preserve_rng_state=preserve_rng_state, **kwargs

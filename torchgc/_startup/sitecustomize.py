@@ -29,12 +29,21 @@ class _PatchWhenTransformersLoads(importlib.abc.MetaPathFinder):
 
         def load_then_patch(module):
             load(module)
-            import torchgc
-
-            torchgc.patch()
+            _patch()
 
         spec.loader.exec_module = load_then_patch
         return spec
+
+
+def _patch() -> None:
+    import atexit
+
+    import torchgc
+
+    torchgc.patch()
+    report = os.environ.get("TORCHGC_REPORT")  # torchgc run --report
+    if report:
+        atexit.register(torchgc.counters.write_report, report)
 
 
 def _run_hidden_sitecustomize() -> None:
@@ -49,9 +58,7 @@ def _run_hidden_sitecustomize() -> None:
 
 
 if _WATCHED in sys.modules:
-    import torchgc
-
-    torchgc.patch()
+    _patch()
 else:
     sys.meta_path.insert(0, _PatchWhenTransformersLoads())
 _run_hidden_sitecustomize()
