@@ -48,7 +48,8 @@ ctest-asan: venv gtest
 	$(VENV)/bin/cmake --build build/asan --parallel $(MAX_JOBS)
 	cd build/asan && ASAN_OPTIONS=detect_leaks=1 ctest --output-on-failure --no-tests=error
 
-pytest: build
+# The LLaMA-Factory overlay must exist: tests/test_llamafactory.py runs LLaMA-Factory with it.
+pytest: build overlays
 	$(PY) -m pytest -q -ra $(PYTEST_ARGS)
 
 # An overlay's .pins file changes only when its line in the constraints file does, so an
@@ -65,9 +66,10 @@ $(OVERLAY_DIR)/%/.installed: $(OVERLAY_DIR)/%.pins | venv
 .PRECIOUS: $(OVERLAY_DIR)/%.pins $(OVERLAY_DIR)/%/.installed
 overlays: $(OVERLAYS:%=$(OVERLAY_DIR)/%/.installed)
 
-# The patch tests once more under each overlay, after checking that its transformers is the one imported.
+# The patch tests once more under each transformers overlay, after checking that its transformers
+# is the one imported.
 pytest-overlays: build overlays
-	@for o in $(OVERLAYS); do \
+	@for o in $(filter transformers-%,$(OVERLAYS)); do \
 	  echo "== tests/test_patch*.py with $$o"; \
 	  export PYTHONPATH=$(abspath $(OVERLAY_DIR))/$$o; \
 	  $(PY) -c "import sys, transformers; v = transformers.__version__; sys.exit(None if v == '$${o#transformers-}' else '$$o: transformers ' + v + ' was imported')" || exit 1; \

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from process_helpers import free_port, run_bounded
 from torchgc import cli
 
 # An ordinary training script: it never imports torchgc. After HF Trainer's step with
@@ -202,28 +203,6 @@ WORKER_SCRIPT = textwrap.dedent(
 )
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _run_bounded(command, cwd, env, timeout=420):
-    """Runs command in its own process group; on timeout the whole group is killed, so no worker is left behind."""
-    import signal
-
-    proc = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        pytest.fail(f"timed out after {timeout} s; stderr:\n{err[-3000:]}")
-    return subprocess.CompletedProcess(command, proc.returncode, out, err)
-
-
 def test_torchrun_workers_are_patched_with_the_launcher_options(tmp_path):
     (tmp_path / "worker.py").write_text(WORKER_SCRIPT)
     user_site = tmp_path / "user_site"
@@ -234,8 +213,8 @@ def test_torchrun_workers_are_patched_with_the_launcher_options(tmp_path):
     env = _environment(PYTHONPATH=str(user_site), OMP_NUM_THREADS="1")
     command = [sys.executable, "-m", "torchgc", "run", "--strategy", "offload", "--no-prefetch", "--min-offload-bytes", "0",
                "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-               "--master_port", str(_free_port()), str(tmp_path / "worker.py"), str(out)]
-    done = _run_bounded(command, cwd=tmp_path, env=env)
+               "--master_port", str(free_port()), str(tmp_path / "worker.py"), str(out)]
+    done = run_bounded(command, cwd=tmp_path, env=env)
     assert done.returncode == 0, done.stderr[-4000:]
     for rank in (0, 1):
         report = json.loads((out / f"rank{rank}.json").read_text())
@@ -260,3 +239,75 @@ def test_console_scripts_are_found_on_the_path(tmp_path):
     assert (tmp_path / "out.txt").read_text() == "torchgc.patching"
     done = _launch([sys.executable, "-m", "torchgc", "run", "not-python"], cwd=tmp_path, env=env)
     assert done.returncode != 0 and "is not a Python script" in done.stderr
+
+
+# An unmodified HF Trainer script under `accelerate launch` with an FSDP2 config, 2 CPU processes.
+# On CPU accelerate sets its FSDP2 environment (ACCELERATE_USE_FSDP, FSDP_VERSION) but runs the
+# processes data-parallel without sharding; real FSDP2 sharding is tested in test_distributed.py.
+ACCELERATE_FSDP2_CONFIG = textwrap.dedent(
+    """
+    compute_environment: LOCAL_MACHINE
+    distributed_type: FSDP
+    fsdp_config:
+      fsdp_version: 2
+      fsdp_auto_wrap_policy: TRANSFORMER_BASED_WRAP
+      fsdp_transformer_layer_cls_to_wrap: LlamaDecoderLayer
+      fsdp_reshard_after_forward: true
+      fsdp_cpu_ram_efficient_loading: false
+    mixed_precision: 'no'
+    machine_rank: 0
+    num_machines: 1
+    num_processes: 2
+    use_cpu: true
+    main_process_ip: 127.0.0.1
+    main_process_port: {port}
+    rdzv_backend: static
+    same_network: true
+    """
+)
+
+TRAINER_SCRIPT = textwrap.dedent(
+    """
+    import json, os, sys, warnings
+    import torch, transformers
+
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    rows = [torch.randint(0, 64, (16,), generator=torch.Generator().manual_seed(i)) for i in range(8)]
+    args = transformers.TrainingArguments(output_dir=sys.argv[1], max_steps=2, per_device_train_batch_size=2, report_to="none",
+                                          save_strategy="no", use_cpu=True, disable_tqdm=True, gradient_checkpointing=True)
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=[{"input_ids": r, "labels": r} for r in rows])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.train()
+    installed = model.model.layers[0]._gradient_checkpointing_func
+    report = {
+        "function": installed.func.__module__ + "." + installed.func.__qualname__,
+        "keywords": {k: v for k, v in installed.keywords.items() if isinstance(v, (str, bool, int, type(None)))},
+        "fsdp2_warnings": sum("FSDP2 is in use" in str(w.message) for w in caught),
+    }
+    with open(os.path.join(sys.argv[1], f"rank{os.environ['RANK']}.json"), "w") as f:
+        json.dump(report, f)
+    """
+)
+
+
+def test_accelerate_launch_with_fsdp2_patches_both_workers_and_forces_non_reentrant(tmp_path):
+    (tmp_path / "train.py").write_text(TRAINER_SCRIPT)
+    (tmp_path / "fsdp2.yaml").write_text(ACCELERATE_FSDP2_CONFIG.format(port=free_port()))
+    out = tmp_path / "out"
+    out.mkdir()
+    command = [sys.executable, "-m", "torchgc", "run", "--use-reentrant", "--strategy", "checkpoint", "--report", str(tmp_path / "report"),
+               "-m", "accelerate.commands.launch", "--config_file", str(tmp_path / "fsdp2.yaml"), str(tmp_path / "train.py"), str(out)]
+    done = run_bounded(command, cwd=tmp_path, env=_environment(OMP_NUM_THREADS="1"))
+    assert done.returncode == 0, done.stderr[-4000:]
+    reports = [json.loads(p.read_text()) for p in (tmp_path / "report").glob("torchgc-*.json")]
+    assert sorted(r["rank"] for r in reports if r["checkpoint_calls"]) == [0, 1], reports
+    for rank in (0, 1):
+        report = json.loads((out / f"rank{rank}.json").read_text())
+        assert report["function"] == "torchgc.strategies.checkpoint", report
+        # The launcher asked for reentrant; FSDP2 makes it non-reentrant, with one warning.
+        assert (report["keywords"]["strategy"], report["keywords"]["use_reentrant"]) == ("checkpoint", False), report
+        assert report["fsdp2_warnings"] == 1, report

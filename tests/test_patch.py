@@ -1,5 +1,6 @@
 """torchgc.patch(): what the patched gradient_checkpointing_enable sets, undoes and refuses."""
 
+import functools
 import inspect
 import subprocess
 import sys
@@ -304,6 +305,29 @@ def test_remote_code_overrides_are_respected():
     assert not old.gradient_checkpointing
 
 
+def test_a_foreign_instance_override_that_bypasses_torchgc_warns_once_naming_it():
+    # What another framework does (as LLaMA-Factory 0.9.5 did): its own enable set on the instance
+    # with MethodType, hiding torchgc's class-level one and installing torch's checkpoint.
+    def framework_enable(self, gradient_checkpointing_kwargs=None):
+        func = functools.partial(torch.utils.checkpoint.checkpoint, use_reentrant=False)
+        self._set_gradient_checkpointing(enable=True, gradient_checkpointing_func=func)
+
+    torchgc.patch()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        build("llama", layers=2).gradient_checkpointing_enable()  # through torchgc: no warning
+        for _ in range(2):
+            model = build("llama", layers=2)
+            model.gradient_checkpointing_enable = types.MethodType(framework_enable, model)
+            model.gradient_checkpointing_enable()
+            model.gradient_checkpointing_disable()
+    messages = [str(w.message) for w in caught if "past torchgc" in str(w.message)]
+    assert len(messages) == 1, messages
+    for fragment in ["gradient checkpointing of LlamaForCausalLM was enabled by an instance-level gradient_checkpointing_enable",
+                     "framework_enable", "torch.utils.checkpoint.checkpoint", "torchgc's options do not apply"]:
+        assert fragment in messages[0], messages[0]
+
+
 @pytest.mark.skipif(not HAS_ACTIVATION_API, reason="this transformers has no activation_checkpointing_enable")
 def test_activation_checkpointing_api_goes_through_torchgc(checkpoint_calls):
     torchgc.patch()
@@ -536,11 +560,12 @@ def test_fsdp2_modules_force_non_reentrant_and_train_correctly(gloo_group):
 # --- prepare_model_for_training -------------------------------------------------------------
 
 
-def test_prepare_model_for_training_enables_on_that_model_only(checkpoint_calls):
+def test_prepare_model_for_training_enables_on_that_model_only(checkpoint_calls, monkeypatch):
     before = class_functions()
     model = build("llama", layers=2)
     model.config.use_cache = True
-    torchgc.prepare_model_for_training(model, strategy="checkpoint")
+    monkeypatch.setenv("TORCHGC_STRATEGY", "checkpoint")
+    torchgc.prepare_model_for_training(model, types.SimpleNamespace(use_reentrant_gc=True))  # LLaMA-Factory's signature
     assert all(class_functions()[n] is before[n] for n in before)
     assert "gradient_checkpointing_kwargs" in inspect.signature(model.gradient_checkpointing_enable).parameters
     keywords = layer_func(model).keywords
@@ -567,8 +592,10 @@ def test_prepare_model_for_training_respects_its_flags():
     torch.manual_seed(0)
     with pytest.warns(UserWarning, match="does not support gradient checkpointing"):
         torchgc.prepare_model_for_training(Unsupported(_LoopConfig()))
-    with pytest.raises(ValueError, match=r"prepare_model_for_training\(\): argument 'strategy'"):
-        torchgc.prepare_model_for_training(build("llama", layers=2), strategy="fast")
+    with pytest.raises(ValueError, match=r"prepare_model_for_training\(\): flag 'use_unsloth_gc' must be True or False; got 'yes'"):
+        torchgc.prepare_model_for_training(build("llama", layers=2), types.SimpleNamespace(use_unsloth_gc="yes"))
+    with pytest.raises(ValueError, match=r"prepare_model_for_training\(\): unknown flag\(s\) \['strategy'\]; LLaMA-Factory's flags are"):
+        torchgc.prepare_model_for_training(build("llama", layers=2), strategy="offload")
 
 
 # --- norm options ---------------------------------------------------------------------------
@@ -618,7 +645,9 @@ def test_prepare_model_for_training_runs_its_steps_in_llamafactory_order(recorde
     model = build("llama", layers=2)
     torchgc.prepare_model_for_training(model, upcast_layernorm=True, upcast_lmhead_output=True)
     assert recorded_norm == [("upcast_layernorm", False), ("upcast_lmhead_output", True)]
-    assert set(model._torchgc_handles) == {"upcast_layernorm", "upcast_lmhead_output"}
+    assert set(hf_integration._state(model).norm_handles) == {"upcast_layernorm", "upcast_lmhead_output"}
+    model.gradient_checkpointing_enable()  # applied once: a later enable does not apply them again
+    assert len(recorded_norm) == 2
 
 
 def test_norm_options_without_torchgc_norm_fail_before_changing_anything(monkeypatch):

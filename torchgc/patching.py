@@ -9,10 +9,13 @@ options it was given.
 """
 
 import contextlib
+import functools
 import threading
+import warnings
 from typing import Any, Dict, Optional
 
 from torchgc import config
+from torchgc.integrations import llamafactory
 from torchgc.integrations import transformers as hf
 
 _lock = threading.RLock()
@@ -83,6 +86,56 @@ def activation_checkpointing_disable(self):
     hf.disable(self)
 
 
+_SET = "_set_gradient_checkpointing"
+_warned_bypass = set()
+
+
+def _checking(set_gradient_checkpointing):
+    """transformers' _set_gradient_checkpointing, which every enable ends in, with its signature
+    (torchgc reads it), warning once when the function it installs on the layers is not torchgc's:
+    an override (LLaMA-Factory's is routed; another framework's MethodType, remote code) enabled
+    checkpointing past torchgc."""
+
+    @functools.wraps(set_gradient_checkpointing)
+    def _set_gradient_checkpointing(self, *args, **kwargs):
+        enable = kwargs.get("enable", args[0] if args else True)
+        function = kwargs.get("gradient_checkpointing_func", args[1] if len(args) > 1 else None)
+        if enable and not hf.is_torchgc_function(function):
+            _warn_bypass(self, function)
+        return set_gradient_checkpointing(self, *args, **kwargs)
+
+    return _set_gradient_checkpointing
+
+
+def _warn_bypass(model, function) -> None:
+    cls = type(model).__name__
+    override = model.__dict__.get(hf.ENABLE)
+    if override is not None:
+        what = f"an instance-level gradient_checkpointing_enable ({_name(override)}) set on this {cls}"
+    elif getattr(type(model), hf.ENABLE, None) is not gradient_checkpointing_enable:
+        what = f"{cls}.gradient_checkpointing_enable ({_name(getattr(type(model), hf.ENABLE))}), which overrides torchgc's"
+    else:
+        what = f"a direct call of {cls}._set_gradient_checkpointing"
+    if (type(model), what) in _warned_bypass:
+        return
+    _warned_bypass.add((type(model), what))
+    installed = "torch.utils.checkpoint.checkpoint" if function is None else _name(function)
+    warnings.warn(f"torchgc: gradient checkpointing of {cls} was enabled by {what}, which gives its layers {installed}: "
+                  "they checkpoint past torchgc, and torchgc's options do not apply to them. Enable checkpointing through "
+                  "the model's class method (or let the override call torchgc.checkpoint) to use torchgc.", stacklevel=3)
+
+
+def _name(function) -> str:
+    while True:
+        if isinstance(function, functools.partial):
+            function = function.func
+        elif hasattr(function, "__func__"):
+            function = function.__func__
+        else:
+            break
+    return f"{getattr(function, '__module__', '?')}.{getattr(function, '__qualname__', repr(function))}"
+
+
 _REPLACEMENTS = {
     hf.ENABLE: gradient_checkpointing_enable,
     hf.DISABLE: gradient_checkpointing_disable,
@@ -133,16 +186,18 @@ def patch(
     cls = _pretrained_model_class()
     with _lock:
         if not _originals:
-            originals = {name: cls.__dict__[name] for name in _REPLACEMENTS if name in cls.__dict__}
+            originals = {name: cls.__dict__[name] for name in (*_REPLACEMENTS, _SET) if name in cls.__dict__}
+            replacements = {**_REPLACEMENTS, _SET: _checking(originals[_SET])} if _SET in originals else _REPLACEMENTS
             try:
                 for name in originals:
-                    setattr(cls, name, _REPLACEMENTS[name])
+                    setattr(cls, name, replacements[name])
             except BaseException:
                 for name, original in originals.items():
                     setattr(cls, name, original)
                 raise
             _originals.update(originals)
         _options = options
+        llamafactory.route(given)
     return options
 
 
@@ -157,6 +212,7 @@ def unpatch() -> None:
                 setattr(cls, name, original)
             _originals.clear()
         _options = None
+        llamafactory.unroute()
 
 
 def is_patched() -> bool:

@@ -1,67 +1,97 @@
-"""torchgc's version of LLaMA-Factory's ``prepare_model_for_training`` for one model."""
+"""LLaMA-Factory: its ``prepare_model_for_training(model, model_args)``, checkpointing through torchgc.
+
+LLaMA-Factory 0.9.5 prepares every model in
+``llamafactory.model.model_utils.checkpointing.prepare_model_for_training``, which
+``llamafactory.model.patcher`` imports by name. That function installs LLaMA-Factory's own
+``gradient_checkpointing_enable`` on the instance (types.MethodType), which hides torchgc's
+class-level one. So ``route()`` (called by torchgc.patch()) replaces the function in both modules
+with this module's ``prepare_model_for_training``, which reads the same flags from ``model_args``;
+when llamafactory is not imported yet, it does so as soon as the module loads (an import hook).
+``unroute()`` (torchgc.unpatch()) puts LLaMA-Factory's function back.
+
+Flags, read from model_args with LLaMA-Factory's defaults:
+- use_unsloth_gc: torchgc's offload strategy (on any device);
+- use_reentrant_gc: use_reentrant; under FSDP2 it is set to False, as LLaMA-Factory does;
+- upcast_layernorm: fp32 norm weights computed by torchgc's fused norm (the output stays in the
+  activation dtype, where LLaMA-Factory's eager norm returns fp32);
+- upcast_lmhead_output: fp32 logits;
+- disable_gradient_checkpointing: no checkpointing (the norm flags still apply).
+Options given to torchgc.patch() (or torchgc run) or set in TORCHGC_* variables override them.
+"""
 
 import dataclasses
+import importlib.abc
+import importlib.metadata
+import importlib.util
+import sys
 import types
 import warnings
-from typing import Optional
-
-import torch
+from types import SimpleNamespace
+from typing import Any, Dict, Optional
 
 from torchgc import config
+from torchgc.integrations import distributed
 from torchgc.integrations import transformers as hf
 
+SUPPORTED_VERSIONS = ("0.9.5",)
+CHECKPOINTING_MODULE = "llamafactory.model.model_utils.checkpointing"
+PATCHER_MODULE = "llamafactory.model.patcher"
+FUNCTION = "prepare_model_for_training"
 
-def prepare_model_for_training(
-    model: torch.nn.Module,
-    *,
-    strategy: Optional[str] = None,
-    use_reentrant: Optional[bool] = True,
-    upcast_layernorm: bool = False,
-    upcast_lmhead_output: bool = False,
-    disable_gradient_checkpointing: bool = False,
-) -> torch.nn.Module:
-    """Prepares ``model`` for fine-tuning the way LLaMA-Factory 0.9.5 does, with torchgc's
-    checkpointing. In order:
+# LLaMA-Factory's ModelArguments fields that this reads, with their defaults.
+FLAGS = {"use_unsloth_gc": False, "use_reentrant_gc": True, "upcast_layernorm": False, "upcast_lmhead_output": False,
+         "disable_gradient_checkpointing": False}
 
-    1. upcast_layernorm: norm weights in fp32 (torchgc.norm.upcast_layernorm);
-    2. FSDP2: reentrant checkpointing is replaced by non-reentrant, with a warning;
-    3. unless disable_gradient_checkpointing: installs torchgc's gradient_checkpointing_enable
-       and _disable on this model only, enables checkpointing (use_reentrant as given, like
-       LLaMA-Factory's use_reentrant_gc; None follows transformers) and sets use_cache=False;
-    4. upcast_lmhead_output: the lm_head's output in fp32 (torchgc.norm.upcast_lmhead_output).
+_given: Dict[str, Any] = {}  # the options given to torchgc.patch(); the environment is read per call
+_original = None  # LLaMA-Factory's prepare_model_for_training, while routed
+_hook: Optional["_RouteWhenLoaded"] = None
+_warned_version = False
 
-    strategy left at None comes from TORCHGC_STRATEGY, else "auto". Returns the model.
+
+def prepare_model_for_training(model, model_args=None, **flags) -> None:
+    """Prepares ``model`` for training as LLaMA-Factory 0.9.5 does, with torchgc's checkpointing.
+
+    ``model_args`` is LLaMA-Factory's ModelArguments (or anything with its flag attributes); flags
+    can also be given as keywords (``use_unsloth_gc=True``). In LLaMA-Factory's order: 1. upcast
+    norms; 2. FSDP2 forces non-reentrant checkpointing; 3. unless disabled, installs torchgc's
+    gradient_checkpointing_enable/_disable on this model only and enables checkpointing, with
+    use_cache off; 4. fp32 logits. Options given to torchgc.patch() or in TORCHGC_* variables
+    override the flags.
     """
     function = "torchgc.prepare_model_for_training()"
-    for name, value in (
-        ("upcast_layernorm", upcast_layernorm),
-        ("upcast_lmhead_output", upcast_lmhead_output),
-        ("disable_gradient_checkpointing", disable_gradient_checkpointing),
-    ):
-        if not isinstance(value, bool):
-            raise ValueError(f"{function}: argument {name!r} must be True or False; got {value!r}")
-    # use_reentrant=None means "follow transformers" here, not "read the environment".
-    config.check(function, "use_reentrant", use_reentrant)
-    options = dataclasses.replace(config.resolve(function, {"strategy": strategy}), use_reentrant=use_reentrant)
+    args = _read_flags(function, model_args, flags)
+    if distributed.accelerate_requests_fsdp2() and args.use_reentrant_gc:
+        warnings.warn(f"{function}: FSDP2 is in use, so use_reentrant_gc is set to False (reentrant checkpointing breaks its hooks)",
+                      stacklevel=2)
+        args.use_reentrant_gc = False
+        if model_args is not None and hasattr(model_args, "use_reentrant_gc"):
+            model_args.use_reentrant_gc = False  # as LLaMA-Factory does
+    from_flags = {"use_reentrant": args.use_reentrant_gc, "upcast_layernorm": args.upcast_layernorm,
+                  "upcast_lmhead_output": args.upcast_lmhead_output}
+    if args.use_unsloth_gc:
+        from_flags["strategy"] = "offload"
+    options = dataclasses.replace(config.DEFAULTS, **{**from_flags, **config.explicit(function, _given)})
 
-    norm = hf.norm_transforms(function) if upcast_layernorm or upcast_lmhead_output else {}
-
-    handles = {}
-    if upcast_layernorm:
-        handles["upcast_layernorm"] = norm["upcast_layernorm"](model)
-
-    if not disable_gradient_checkpointing:
+    upcast_first = dataclasses.replace(options, fused_norm=False, upcast_lmhead_output=False)
+    hf.apply_norm_options(model, upcast_first, function)
+    if not args.disable_gradient_checkpointing:
         if not getattr(model, "supports_gradient_checkpointing", False):
-            warnings.warn(f"{function}: {type(model).__name__} does not support gradient checkpointing; left off")
+            warnings.warn(f"{function}: {type(model).__name__} does not support gradient checkpointing; left off", stacklevel=2)
         else:
             _install_on_model(model, options)
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": options.use_reentrant})
+            model.gradient_checkpointing_enable()
+    hf.apply_norm_options(model, options, function)
 
-    if upcast_lmhead_output:
-        handles["upcast_lmhead_output"] = norm["upcast_lmhead_output"](model)
-    if handles:
-        model.__dict__.setdefault("_torchgc_handles", {}).update(handles)
-    return model
+
+def _read_flags(function: str, model_args, flags: Dict[str, Any]) -> SimpleNamespace:
+    unknown = sorted(set(flags) - set(FLAGS))
+    if unknown:
+        raise ValueError(f"{function}: unknown flag(s) {unknown}; LLaMA-Factory's flags are {', '.join(FLAGS)}")
+    values = {name: flags.get(name, getattr(model_args, name, default)) for name, default in FLAGS.items()}
+    for name, value in values.items():
+        if not isinstance(value, bool):
+            raise ValueError(f"{function}: flag {name!r} must be True or False; got {value!r}")
+    return SimpleNamespace(**values)
 
 
 def _install_on_model(model, options: config.Options) -> None:
@@ -78,3 +108,89 @@ def _install_on_model(model, options: config.Options) -> None:
 
     model.gradient_checkpointing_enable = types.MethodType(gradient_checkpointing_enable, model)
     model.gradient_checkpointing_disable = types.MethodType(gradient_checkpointing_disable, model)
+
+
+# ---------------------------------------------------------------------------------------------
+# Routing LLaMA-Factory's model preparation through prepare_model_for_training
+
+
+def route(given: Dict[str, Any]) -> None:
+    """Makes LLaMA-Factory prepare its models with prepare_model_for_training, now if it is
+    imported, else as soon as it is. ``given``: the options given to torchgc.patch()."""
+    global _given, _hook
+    _given = {name: value for name, value in given.items() if value is not None}
+    module = sys.modules.get(CHECKPOINTING_MODULE)
+    if module is not None:
+        _replace(module)
+    elif _hook is None:
+        _hook = _RouteWhenLoaded()
+        sys.meta_path.insert(0, _hook)
+
+
+def unroute() -> None:
+    """Puts LLaMA-Factory's own prepare_model_for_training back."""
+    global _original, _hook, _given
+    _given = {}
+    if _hook is not None:
+        if _hook in sys.meta_path:
+            sys.meta_path.remove(_hook)
+        _hook = None
+    if _original is not None:
+        for name in (CHECKPOINTING_MODULE, PATCHER_MODULE):
+            module = sys.modules.get(name)
+            if module is not None and getattr(module, FUNCTION, None) is prepare_model_for_training:
+                setattr(module, FUNCTION, _original)
+        _original = None
+
+
+def _replace(checkpointing) -> None:
+    global _original
+    _check_version()
+    original = getattr(checkpointing, FUNCTION, None)
+    if original is None:
+        warnings.warn(f"torchgc: {CHECKPOINTING_MODULE} has no {FUNCTION}, so torchgc cannot route LLaMA-Factory's "
+                      f"gradient checkpointing, and LLaMA-Factory's own runs (supported versions: {', '.join(SUPPORTED_VERSIONS)})")
+        return
+    if original is not prepare_model_for_training:
+        _original = original
+    for name in (CHECKPOINTING_MODULE, PATCHER_MODULE):
+        module = sys.modules.get(name)
+        if module is not None:
+            setattr(module, FUNCTION, prepare_model_for_training)
+
+
+def _check_version() -> None:
+    global _warned_version
+    try:
+        found = importlib.metadata.version("llamafactory")
+    except importlib.metadata.PackageNotFoundError:
+        found = "unknown (no package metadata)"
+    if found not in SUPPORTED_VERSIONS and not _warned_version:
+        _warned_version = True
+        warnings.warn(f"torchgc: LLaMA-Factory {found} is installed, and torchgc routes the model preparation of "
+                      f"LLaMA-Factory {', '.join(SUPPORTED_VERSIONS)} only; it replaces {FUNCTION} all the same, but the flags "
+                      "it reads may differ in this version")
+
+
+class _RouteWhenLoaded(importlib.abc.MetaPathFinder):
+    """Replaces the function right after LLaMA-Factory's checkpointing module first loads, before
+    the patcher module imports it by name."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name != CHECKPOINTING_MODULE:
+            return None
+        sys.meta_path.remove(self)  # not for the lookup below
+        try:
+            spec = importlib.util.find_spec(name)
+        finally:
+            sys.meta_path.insert(0, self)
+        if spec is None or spec.loader is None:
+            return spec
+        load = spec.loader.exec_module
+
+        def load_then_route(module):
+            load(module)
+            _replace(module)
+
+        spec.loader.exec_module = load_then_route
+        return spec

@@ -103,7 +103,7 @@ def enable(
         options = config.resolve(function, {})
     options, forwarded = _split_kwargs(function, options, call_kwargs, argument)
     use_reentrant = default_use_reentrant() if options.use_reentrant is None else options.use_reentrant
-    norm_transforms_to_apply = _norm_transforms_to_apply(state, options, function)
+    _norm_transforms_to_apply(state, options, function)  # fails here, before anything changes, if it must
     if options.strategy == "offload":
         _require_offload_ops(function)
     old_format = _uses_old_format(model)
@@ -124,7 +124,7 @@ def enable(
             state.warned_fsdp2 = True
         use_reentrant = False
 
-    gc_func = functools.partial(
+    gc_func = _TorchgcCheckpoint(
         strategies.checkpoint,
         strategy=options.strategy,
         use_reentrant=use_reentrant,
@@ -152,7 +152,24 @@ def enable(
     if needs_input_grads and state.input_grad_hook is None:
         state.input_grad_hook = _require_input_grads(model)
     _turn_off_cache(model, state)
-    for name, transform in norm_transforms_to_apply.items():
+    apply_norm_options(model, options, function)
+
+
+class _TorchgcCheckpoint(functools.partial):
+    """The layers' checkpoint function that enable installs: torchgc.checkpoint with the options."""
+
+
+def is_torchgc_function(function) -> bool:
+    """True for a checkpoint function that enable installed (see torchgc.patching's check of
+    functions installed by other code)."""
+    return isinstance(function, _TorchgcCheckpoint)
+
+
+def apply_norm_options(model, options: config.Options, function: str) -> None:
+    """Applies the norm options that are on in ``options`` and not applied to ``model`` yet, and
+    records them, so a later enable does not apply them again."""
+    state = _state(model)
+    for name, transform in _norm_transforms_to_apply(state, options, function).items():
         state.norm_handles[name] = transform(model)
 
 
