@@ -95,8 +95,8 @@ def run(command, cwd, env) -> subprocess.CompletedProcess:
     return done
 
 
-def torchgc_run(*options, config, report, env=None) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "torchgc", "run", *options, "--report", str(report), "llamafactory-cli", "train", str(config)]
+def torchgc_run(*options, config, report, env=None, program=("llamafactory-cli",)) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "torchgc", "run", *options, "--report", str(report), *program, "train", str(config)]
     return run(command, cwd=config.parent, env=env or environment())
 
 
@@ -175,7 +175,7 @@ def test_lora_on_a_bf16_model_computes_norms_and_logits_in_fp32(assets, tmp_path
 def test_freeze_tuning_does_not_checkpoint_the_frozen_layers(assets, tmp_path):
     out = tmp_path / "freeze"
     config = config_file(assets, out, finetuning="freeze", freeze_trainable_layers=1)  # the top layer trains
-    torchgc_run(config=config, report=tmp_path / "report")
+    torchgc_run(config=config, report=tmp_path / "report", program=("-m", "llamafactory.cli"))  # the module form
     (report,) = reports(tmp_path / "report")
     assert report["layer_calls"] == [["LlamaDecoderLayer", {"frozen": STEPS}]] * (LAYERS - 1) + [["LlamaDecoderLayer", {"checkpoint": STEPS}]]
     assert_trained(out, "model.safetensors")
