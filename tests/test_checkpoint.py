@@ -14,7 +14,7 @@ import torchgc
 from torchgc import offload as offload_module
 from tiny_models import TINY_CONFIGS, batch, build
 
-STRATEGIES = [("checkpoint", False), ("checkpoint", True), ("offload", False), ("offload", True)]
+STRATEGIES = [(s, r) for s in ("checkpoint", "offload", "selective") for r in (False, True)]
 STRATEGY_IDS = [f"{s}-{'reentrant' if r else 'nonreentrant'}" for s, r in STRATEGIES]
 
 
@@ -66,8 +66,11 @@ def compare(model, strategy, use_reentrant, inputs=None, **options):
     assert_same_step(reference, candidate)
 
 
-def expect_reentrant_fallback(use_reentrant):
-    return pytest.warns(UserWarning, match="no input requires grad") if use_reentrant else contextlib.nullcontext()
+def expect_reentrant_fallback(use_reentrant, strategy="checkpoint"):
+    if not use_reentrant:
+        return contextlib.nullcontext()
+    # selective is always non-reentrant, and says so instead.
+    return pytest.warns(UserWarning, match="selective' is built on" if strategy == "selective" else "no input requires grad")
 
 
 @pytest.fixture
@@ -107,7 +110,7 @@ def test_lora_gradients_equal_no_checkpoint(strategy, use_reentrant):
     model = peft.get_peft_model(build("llama"), config)
     # Embeddings are frozen, so no layer input requires grad: torchgc must not lose the LoRA
     # gradients (torch's reentrant checkpoint alone would).
-    with expect_reentrant_fallback(use_reentrant):
+    with expect_reentrant_fallback(use_reentrant, strategy):
         compare(model, strategy, use_reentrant)
 
 
@@ -117,13 +120,13 @@ def test_frozen_lower_layers_are_not_checkpointed(strategy, use_reentrant, monke
     for module in (model.model.embed_tokens, model.model.layers[0], model.model.layers[1]):
         module.requires_grad_(False)
     # The first trainable layer's input does not require grad: reentrant falls back, with a warning.
-    with expect_reentrant_fallback(use_reentrant):
+    with expect_reentrant_fallback(use_reentrant, strategy):
         compare(model, strategy, use_reentrant)
 
     calls = []
     real = torch.utils.checkpoint.checkpoint
     monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k))
-    with expect_reentrant_fallback(use_reentrant):
+    with expect_reentrant_fallback(use_reentrant, strategy):
         train_step(enable(copy.deepcopy(model), strategy, use_reentrant), batch())
     assert len(calls) == 2
 
@@ -354,7 +357,7 @@ def test_host_cap_keeps_tensors_on_the_device(count_offloads):
 @pytest.mark.parametrize(
     "kwargs,match",
     [
-        ({"strategy": "fast"}, r"torchgc.checkpoint: argument 'strategy' must be one of auto, checkpoint, offload; got 'fast'"),
+        ({"strategy": "fast"}, r"torchgc.checkpoint: argument 'strategy' must be one of auto, checkpoint, offload, selective; got 'fast'"),
         ({"use_reentrant": "yes"}, r"argument 'use_reentrant' must be True or False; got 'yes'"),
         ({"min_offload_bytes": -1}, r"argument 'min_offload_bytes' must be None or an int >= 0; got -1"),
         ({"max_host_bytes": 1.5}, r"argument 'max_host_bytes' must be None or an int >= 0; got 1.5"),

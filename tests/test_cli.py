@@ -121,7 +121,7 @@ def test_bad_configuration_stops_the_launcher_with_a_clear_error(script, tmp_pat
     env = _environment(TORCHGC_STRATEGY="fastest")
     done = _launch([sys.executable, "-m", "torchgc", "run", str(script), "x", "y"], cwd=tmp_path, env=env)
     assert done.returncode != 0
-    assert "environment variable TORCHGC_STRATEGY must be one of 'auto', 'checkpoint', 'offload'; got 'fastest'" in done.stderr
+    assert "environment variable TORCHGC_STRATEGY must be one of 'auto', 'checkpoint', 'offload', 'selective'; got 'fastest'" in done.stderr
 
 
 def test_parser_passes_the_script_arguments_through_untouched():

@@ -360,7 +360,7 @@ def test_selective_checkpointing_wrapper_of_trl_reaches_torchgc(checkpoint_calls
 @pytest.mark.parametrize(
     "arguments, fragments",
     [
-        (dict(strategy="fast"), ["torchgc.patch()", "argument 'strategy'", "'auto', 'checkpoint', 'offload'", "got 'fast'"]),
+        (dict(strategy="fast"), ["torchgc.patch()", "argument 'strategy'", "'auto', 'checkpoint', 'offload', 'selective'", "got 'fast'"]),
         (dict(use_reentrant="yes"), ["torchgc.patch()", "argument 'use_reentrant'", "True, False or None", "got 'yes'"]),
         (dict(min_offload_bytes=-1), ["torchgc.patch()", "argument 'min_offload_bytes'", "int >= 0", "got -1"]),
         (dict(max_host_bytes=1.5), ["torchgc.patch()", "argument 'max_host_bytes'", "an int >= 0 or a size such as '8GiB'", "got 1.5"]),
@@ -380,7 +380,7 @@ def test_bad_patch_arguments_raise_and_leave_nothing_applied(arguments, fragment
 @pytest.mark.parametrize(
     "variable, value, fragment",
     [
-        ("TORCHGC_STRATEGY", "fast", "one of 'auto', 'checkpoint', 'offload'"),
+        ("TORCHGC_STRATEGY", "fast", "one of 'auto', 'checkpoint', 'offload', 'selective'"),
         ("TORCHGC_USE_REENTRANT", "maybe", "one of 1, true, yes, on, 0, false, no, off, auto"),
         ("TORCHGC_MIN_OFFLOAD_BYTES", "1 lot", "non-negative integer, a size such as '8GiB', or 'none'"),
         ("TORCHGC_MAX_HOST_BYTES", "1.5", "non-negative integer, a size such as '8GiB', or 'none'"),
@@ -467,7 +467,7 @@ def test_a_failed_repatch_keeps_the_previous_options():
 @pytest.mark.parametrize(
     "kwargs, fragments",
     [
-        ({"strategy": "fast"}, ["gradient_checkpointing_kwargs['strategy']", "one of 'auto', 'checkpoint', 'offload'", "got 'fast'"]),
+        ({"strategy": "fast"}, ["gradient_checkpointing_kwargs['strategy']", "one of 'auto', 'checkpoint', 'offload', 'selective'", "got 'fast'"]),
         ({"use_reentrant": "no"}, ["gradient_checkpointing_kwargs['use_reentrant']", "True, False or None", "got 'no'"]),
         ({"colour": "red"}, ["gradient_checkpointing_kwargs has unknown key(s) ['colour']", "valid keys are", "strategy", "context_fn"]),
         (["use_reentrant"], ["gradient_checkpointing_kwargs must be a dict or None", "got ['use_reentrant']"]),

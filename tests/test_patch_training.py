@@ -60,14 +60,17 @@ def test_trainer_gradients_match_a_run_without_checkpointing(name, use_reentrant
     assert all(c["use_reentrant"] is expected_reentrant(use_reentrant) for c in checkpoint_calls)
 
 
-def test_trainer_gradient_checkpointing_kwargs_choose_torchgc_options(tmp_path, checkpoint_calls):
+@pytest.mark.parametrize("strategy", ["offload", "selective"])
+def test_trainer_gradient_checkpointing_kwargs_choose_torchgc_options(strategy, tmp_path, checkpoint_calls):
     expected = reference(("trainer", "llama"), lambda: trainer_step(build("llama", layers=LAYERS), tmp_path / "ref", gradient_checkpointing=False))
     torchgc.patch()
-    gc_kwargs = {"strategy": "offload", "min_offload_bytes": 0, "use_reentrant": False}
+    torchgc.reset_stats()
+    gc_kwargs = {"strategy": strategy, "min_offload_bytes": 0, "use_reentrant": False}
     result = trainer_step(build("llama", layers=LAYERS), tmp_path / "gc", gradient_checkpointing=True, gc_kwargs=gc_kwargs)
     assert_same_grads(expected, result)
     assert len(checkpoint_calls) == LAYERS * MICRO_BATCHES
-    assert all((c["strategy"], c["min_offload_bytes"]) == ("offload", 0) for c in checkpoint_calls)
+    assert all((c["strategy"], c["min_offload_bytes"]) == (strategy, 0) for c in checkpoint_calls)
+    assert torchgc.stats()["checkpoint_calls"] == {strategy: LAYERS * MICRO_BATCHES}
 
 
 @pytest.mark.parametrize("use_reentrant", [None, True, False], ids=["default", "reentrant", "non_reentrant"])

@@ -13,7 +13,7 @@ import re
 import warnings
 from typing import Any, Callable, Mapping, Optional
 
-STRATEGIES = ("auto", "checkpoint", "offload")
+STRATEGIES = ("auto", "checkpoint", "offload", "selective")
 # Offloading a smaller input costs more in copy latency than it saves: Unsloth measured no gain
 # below about 512 tokens, which is 2 MiB of bf16 activations at hidden size 2048.
 DEFAULT_MIN_OFFLOAD_BYTES = 2 * 1024 * 1024

@@ -10,7 +10,7 @@ from typing import Dict
 import torch
 
 # How a torchgc.checkpoint call ran: "checkpoint" (recompute), "offload" (recompute, inputs to the
-# host), or "frozen" (a layer whose parameters are all frozen, run as is). Calls made without
+# host), "selective" (recompute all but matmuls and attention), or "frozen" (a layer whose parameters are all frozen, run as is). Calls made without
 # grad mode (eval, generation) are not counted, nor calls inside a compiled region, where this
 # Python runs once, at trace time.
 _calls: Dict[str, int] = {}

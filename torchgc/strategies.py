@@ -1,7 +1,8 @@
-"""torchgc's checkpoint strategies: plain recompute or offload, reentrant or not.
+"""torchgc's checkpoint strategies: plain recompute, offload or selective, reentrant or not.
 
 Every strategy is torch's own checkpoint underneath, so RNG replay, autocast and tuple outputs
-behave exactly as in torch; offloading adds saved-tensor hooks around the call (torchgc.offload).
+behave exactly as in torch; offloading adds saved-tensor hooks around the call (torchgc.offload),
+and selective adds torch's selective checkpoint contexts with torchgc's policy (torchgc.selective).
 """
 
 import contextlib
@@ -13,7 +14,7 @@ import torch
 import torch.utils.checkpoint
 from torch.utils import _pytree as pytree
 
-from torchgc import counters
+from torchgc import counters, selective
 from torchgc.config import DEFAULT_MIN_OFFLOAD_BYTES, STRATEGIES
 from torchgc.offload import OffloadPolicy, offload_hooks
 
@@ -47,7 +48,9 @@ def checkpoint(
 
     strategy: "checkpoint" recomputes in backward; "offload" also moves the saved inputs to host
     memory and prefetches them back; "auto" offloads when an input lives on an accelerator and is
-    at least ``min_offload_bytes`` large (default 2 MiB), and checkpoints otherwise.
+    at least ``min_offload_bytes`` large (default 2 MiB), and checkpoints otherwise; "selective"
+    keeps the outputs of matmuls and attention and recomputes the rest (always non-reentrant:
+    torch's selective checkpointing has no reentrant form).
     only_trainable: a frozen layer (one with parameters, none of which requires grad) runs as is,
     not recomputed. A layer without parameters is checkpointed like any other.
     max_host_bytes: offloading stops while this many host bytes are in use (None: no cap).
@@ -60,6 +63,21 @@ def checkpoint(
     if only_trainable and module is not None and _is_frozen(module):
         counters.record_checkpoint(module, "frozen")
         return function(*args, **kwargs)
+
+    if strategy == "selective":
+        if "context_fn" in kwargs:
+            raise ValueError("torchgc.checkpoint: argument 'context_fn' cannot be combined with strategy 'selective', "
+                             f"which brings its own; got context_fn={kwargs['context_fn']!r}")
+        if use_reentrant:
+            # One warning per process under Python's default filter: the call site is always this line.
+            warnings.warn("torchgc.checkpoint: strategy 'selective' is built on torch's selective checkpoint contexts, which "
+                          "only the non-reentrant form supports; using non-reentrant checkpointing for these layers", stacklevel=2)
+            use_reentrant = False
+        counters.record_checkpoint(module, "selective")
+        return torch.utils.checkpoint.checkpoint(
+            function, *args, use_reentrant=False, preserve_rng_state=preserve_rng_state,
+            context_fn=selective.context_fn, **kwargs
+        )
 
     reason = _reentrant_would_fail(args, module) if use_reentrant else None
     if reason:

@@ -1,0 +1,55 @@
+"""torchgc's selective (per-op) checkpoint policy: keep what is expensive to recompute.
+
+Inside a selectively checkpointed layer, the outputs of matrix multiplications and fused attention
+are saved for backward, and everything else (norms, activations, rotary embeddings, elementwise
+ops, softmax, dropout) is recomputed. The matmuls hold most of a decoder layer's compute and the
+cheap ops most of its activation bytes, so this keeps most of checkpointing's recompute time and
+gives back part of its memory saving. The policy runs inside torch's selective checkpoint
+contexts, so RNG and autocast replay stay torch's own.
+"""
+
+import functools
+
+import torch
+from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+
+_aten = torch.ops.aten
+
+
+def _overloads(names):
+    found = set()
+    for name in names:
+        packet = getattr(_aten, name, None)
+        if packet is not None:
+            found.update(getattr(packet, overload) for overload in packet.overloads())
+    return frozenset(found)
+
+
+# Every overload of each op (mm.out, addmm.default, ...): the policy sees the dispatched overload.
+SAVED_OPS = _overloads([
+    "mm", "addmm", "bmm", "baddbmm", "_grouped_mm", "convolution",
+    "_scaled_dot_product_flash_attention", "_scaled_dot_product_flash_attention_for_cpu",
+    "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention",
+    "_flash_attention_forward", "_efficient_attention_forward",
+])
+
+
+def _dropout_p(op, args, kwargs) -> float:
+    for index, argument in enumerate(op._schema.arguments):
+        if argument.name == "dropout_p":
+            if argument.name in kwargs:
+                return kwargs[argument.name]
+            return args[index] if index < len(args) else (argument.default_value or 0.0)
+    return 0.0
+
+
+def policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    """Save the outputs of SAVED_OPS, recompute the rest. A fused attention with dropout draws
+    random numbers, so it is recomputed too: were it read from the cache, the recompute would draw
+    fewer numbers than the forward did, and every later dropout mask would differ."""
+    if op in SAVED_OPS and not (torch.Tag.nondeterministic_seeded in op.tags and _dropout_p(op, args, kwargs) != 0):
+        return CheckpointPolicy.MUST_SAVE
+    return CheckpointPolicy.PREFER_RECOMPUTE
+
+
+context_fn = functools.partial(create_selective_checkpoint_contexts, policy)
