@@ -167,6 +167,7 @@ def test_disable_undoes_enable_and_reenable_without_arguments_keeps_the_configur
     torchgc.patch()
     model = build("llama", layers=2)
     model.config.use_cache = True
+    model._hf_peft_config_loaded = True  # as transformers' load_adapter sets it: enable adds the input-grad hook
     embeddings = model.get_input_embeddings()
     hooks_before = dict(embeddings._forward_hooks)
     model.gradient_checkpointing_enable({"strategy": "offload", "use_reentrant": True})

@@ -115,7 +115,9 @@ def test_prepare_model_for_kbit_training_enables_through_torchgc_and_a_second_en
         warnings.simplefilter("always")
         result = trainer_step(model, tmp_path / "gc", gradient_checkpointing=True)  # enables again
     torchgc_hooks = [h for h in embeddings._forward_hooks.values() if h is HF_INTEGRATION._make_output_require_grad]
-    assert len(torchgc_hooks) == 1
+    # prepare_model_for_kbit_training and PEFT add transformers' input-grad hook; torchgc's
+    # checkpoint needs none, so neither enable added its own.
+    assert not torchgc_hooks and embeddings._forward_hooks
     assert not lost_gradient_warnings(caught)
     assert_same_grads(expected, result)
     assert len(checkpoint_calls) == LAYERS * MICRO_BATCHES

@@ -51,8 +51,10 @@ def checkpoint(
     at least ``min_offload_bytes`` large (default 2 MiB), and checkpoints otherwise; "selective"
     keeps the outputs of matmuls and attention and recomputes the rest (always non-reentrant:
     torch's selective checkpointing has no reentrant form).
-    only_trainable: a frozen layer (one with parameters, none of which requires grad) runs as is,
-    not recomputed. A layer without parameters is checkpointed like any other.
+    only_trainable: a layer that no gradient reaches runs as is, not recomputed: one with
+    parameters, none of which requires grad, and no tensor input that requires grad (it builds no
+    graph, so it keeps nothing for backward). A frozen layer that gradients flow through (one above
+    a trainable layer) and a layer without parameters are checkpointed like any other.
     max_host_bytes: offloading stops while this many host bytes are in use (None: no cap).
     """
     flags = {"use_reentrant": use_reentrant, "preserve_rng_state": preserve_rng_state, "only_trainable": only_trainable, "prefetch": prefetch}
@@ -60,7 +62,7 @@ def checkpoint(
     module = owning_module(function)
     if not torch.is_grad_enabled():
         return function(*args, **kwargs)
-    if only_trainable and module is not None and _is_frozen(module):
+    if only_trainable and module is not None and _is_frozen(module) and not _any_tensor_requires_grad(args, kwargs, _partial_keywords(function)):
         counters.record_checkpoint(module, "frozen")
         return function(*args, **kwargs)
 
@@ -79,6 +81,8 @@ def checkpoint(
             context_fn=selective.context_fn, **kwargs
         )
 
+    if use_reentrant and module is not None and not _is_frozen(module) and not _any_tensor_requires_grad(args, kwargs, _partial_keywords(function)):
+        args = _with_an_input_requiring_grad(args)
     reason = _reentrant_would_fail(args, module) if use_reentrant else None
     if reason:
         warnings.warn(f"torchgc.checkpoint: {reason}; using the non-reentrant form for this layer", stacklevel=2)
@@ -147,15 +151,27 @@ def _is_frozen(module: torch.nn.Module) -> bool:
 def _reentrant_would_fail(args, module: Optional[torch.nn.Module]) -> Optional[str]:
     """Why reentrant checkpointing would go wrong for this call, if it would; the non-reentrant
     form gives the correct gradients in both cases."""
-    if module is not None and not _any_tensor_requires_grad(args):
-        # Reentrant checkpoint drops every parameter gradient when no input requires grad (frozen
-        # embeddings under LoRA).
+    if module is not None and not _is_frozen(module) and not _any_tensor_requires_grad(args):
+        # Reentrant checkpoint drops every parameter gradient when no input requires grad, and this
+        # layer has no floating-point input to lend one (see _with_an_input_requiring_grad).
         return "no input requires grad, so reentrant checkpointing would lose the layer's parameter gradients"
     for check in _reentrant_checks:
         reason = check(module)
         if reason:
             return reason
     return None
+
+
+def _with_an_input_requiring_grad(args: tuple) -> tuple:
+    """Reentrant checkpoint computes no parameter gradient when no input requires grad (frozen
+    embeddings under LoRA, the first trainable layer of freeze tuning). No gradient can flow below
+    such a call, so giving it a detached view of its first floating-point input that requires grad
+    changes nothing else: the view shares storage and version counter with the input (no copy, and
+    an in-place change is still caught), and the gradient backward computes for it is dropped."""
+    for i, a in enumerate(args):
+        if isinstance(a, torch.Tensor) and a.is_floating_point():
+            return (*args[:i], a.detach().requires_grad_(), *args[i + 1:])
+    return args
 
 
 def _parameter_pointers(module: Optional[torch.nn.Module]) -> set:
@@ -165,8 +181,18 @@ def _parameter_pointers(module: Optional[torch.nn.Module]) -> set:
     return {t.data_ptr() for t in tensors}
 
 
-def _any_tensor_requires_grad(args) -> bool:
-    return any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
+def _any_tensor_requires_grad(*trees) -> bool:
+    return any(isinstance(t, torch.Tensor) and t.requires_grad for t in pytree.tree_leaves(trees))
+
+
+def _partial_keywords(function: Callable) -> list:
+    """The keywords bound by functools.partial around ``function`` (transformers binds a layer's
+    keyword inputs that way)."""
+    keywords = []
+    while isinstance(function, functools.partial):
+        keywords.append(function.keywords)
+        function = function.func
+    return keywords
 
 
 def _should_offload(strategy: str, args, min_offload_bytes: Optional[int]) -> bool:

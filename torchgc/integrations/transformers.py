@@ -148,7 +148,7 @@ def enable(
 
     if remember:
         state.call_kwargs = call_kwargs
-    needs_input_grads = use_reentrant or getattr(model, "_hf_peft_config_loaded", False)
+    needs_input_grads = getattr(model, "_hf_peft_config_loaded", False)
     if needs_input_grads and state.input_grad_hook is None:
         state.input_grad_hook = _require_input_grads(model)
     _turn_off_cache(model, state)
@@ -231,9 +231,11 @@ def _make_output_require_grad(module, inputs, output):
 
 
 def _require_input_grads(model):
-    """Frozen embeddings (LoRA, k-bit) give the first layer an input that needs no grad; reentrant
-    checkpoint then computes no parameter gradient inside the layer. transformers and PEFT make the
-    embedding output require grad for that; so does torchgc, with a hook it owns and removes."""
+    """transformers makes the embedding output require grad when a PEFT adapter is loaded (for
+    reentrant checkpoint, which computes no parameter gradient when no input requires grad); so
+    does torchgc, with a hook it owns and removes. torchgc.checkpoint needs no such help, so it is
+    not added otherwise: with it, gradients would flow through frozen layers below the trainable
+    ones, which then could not run as they are."""
     try:
         embeddings = model.get_input_embeddings()
     except (NotImplementedError, AttributeError):
