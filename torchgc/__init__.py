@@ -10,6 +10,7 @@ from torchgc.counters import snapshot as stats
 from torchgc.config import STRATEGIES
 from torchgc.integrations import distributed as _distributed
 from torchgc.integrations.llamafactory import prepare_model_for_training
+from torchgc.integrations.transformers import explain
 from torchgc.patching import patch, patched, unpatch
 from torchgc.strategies import add_reentrant_check as _add_reentrant_check
 from torchgc.strategies import checkpoint
@@ -20,7 +21,7 @@ _add_reentrant_check(_distributed.ddp_reentrant_conflict)
 __version__ = "0.1.0"
 
 __all__ = [
-    "BUILD_INFO", "STRATEGIES", "checkpoint", "norm", "ops", "patch", "patched", "prepare_model_for_training", "reset_stats", "stats",
+    "BUILD_INFO", "STRATEGIES", "checkpoint", "explain", "norm", "ops", "patch", "patched", "prepare_model_for_training", "reset_stats", "stats",
     "unpatch", "__version__",
 ]
 

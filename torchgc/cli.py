@@ -30,6 +30,8 @@ def _add_patch_options(parser: argparse.ArgumentParser) -> None:
         group.add_argument("--" + name.replace("_", "-"), dest=name, action=argparse.BooleanOptionalAction, help=help_text)
     # Sizes stay text here: torchgc.patch() parses "2MiB" and names the option when it cannot.
     group.add_argument("--min-offload-bytes", dest="min_offload_bytes", metavar="SIZE", help="smallest input to offload (default: 2MiB)")
+    group.add_argument("--memory-budget", dest="memory_budget", metavar="BUDGET",
+                       help="plan a mode per layer within this activation memory: a fraction of it without checkpointing (0.3) or a size (12GiB)")
     group.add_argument("--max-host-bytes", dest="max_host_bytes", metavar="SIZE", help="stop offloading while this much host memory is in use (default: no cap)")
 
 

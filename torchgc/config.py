@@ -33,6 +33,7 @@ class Options:
     upcast_layernorm: bool = False
     fused_norm: bool = False
     upcast_lmhead_output: bool = False
+    memory_budget: Optional[Any] = None  # None: checkpoint every layer; a fraction or a byte count: plan per layer
 
 
 OPTION_NAMES = tuple(f.name for f in dataclasses.fields(Options))
@@ -80,6 +81,21 @@ def _byte_count(value: Any) -> Optional[str]:
     return "None, an int >= 0 or a size such as '8GiB'"
 
 
+def _budget(value: Any) -> Optional[str]:
+    if value is None or (isinstance(value, float) and 0 < value <= 1) or (isinstance(value, int) and not isinstance(value, bool) and value > 0):
+        return None
+    return "None, a fraction in (0, 1] of the layers' activation memory without checkpointing (such as 0.3), or bytes (an int > 0 or a size such as '12GiB')"
+
+
+def parse_budget(text: str) -> Optional[Any]:
+    """A fraction from "0.3", bytes from "12GiB" or "4096"; None when `text` is neither."""
+    try:
+        fraction = float(text)
+    except ValueError:
+        return parse_size(text)
+    return fraction if "." in text or "e" in text.lower() else parse_size(text)
+
+
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d*)?)\s*([KMGT]i?)?B?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12, "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
 
@@ -107,6 +123,7 @@ _CHECKS: Mapping[str, Callable[[Any], Optional[str]]] = {
     "upcast_layernorm": _boolean,
     "fused_norm": _boolean,
     "upcast_lmhead_output": _boolean,
+    "memory_budget": _budget,
 }
 
 
@@ -115,6 +132,8 @@ def check(function: str, name: str, value: Any, *, where: Optional[str] = None) 
     argument as the caller sees it (default: ``argument 'name'``)."""
     if _CHECKS[name] is _byte_count and isinstance(value, str):
         value = parse_size(value) if parse_size(value) is not None else value
+    if name == "memory_budget" and isinstance(value, str):
+        value = parse_budget(value) if parse_budget(value) is not None else value
     expected = _CHECKS[name](value)
     if expected is not None:
         where = where or f"argument {name!r}"
@@ -133,6 +152,8 @@ def _parse_env(function: str, name: str, text: str) -> Any:
         if parse_size(word) is None:
             raise ValueError(f"{function}: {where} must be a non-negative integer, a size such as '8GiB', or 'none'; got {text!r}")
         return parse_size(word)
+    if name == "memory_budget":
+        return None if word in ("", "none", "default") else check(function, name, word, where=where)
     if name == "use_reentrant" and word in ("", "none", "auto", "default"):
         return None
     if word in _TRUE:

@@ -159,13 +159,16 @@ def patch(
     prefetch: Optional[bool] = None,
     min_offload_bytes: Optional[int] = None,
     max_host_bytes: Optional[int] = None,
+    memory_budget=None,
 ) -> config.Options:
     """Routes every transformers model's gradient_checkpointing_enable through torchgc.
 
     An argument left at None comes from its TORCHGC_* environment variable, else its default:
     strategy "auto", use_reentrant as the installed transformers (True before 5.0, False from
     5.0), only_trainable True, prefetch True, min_offload_bytes torchgc.checkpoint's default (2 MiB),
-    max_host_bytes no cap, the norm options False. The byte counts also take sizes such as "8GiB".
+    max_host_bytes no cap, the norm options False, memory_budget None (checkpoint every layer; a
+    fraction such as 0.3 or a size such as "12GiB" plans a mode per layer, see torchgc.planner).
+    The byte counts also take sizes such as "8GiB".
     Calling patch() again only updates the options. Returns them.
     """
     global _options
@@ -179,6 +182,7 @@ def patch(
         prefetch=prefetch,
         min_offload_bytes=min_offload_bytes,
         max_host_bytes=max_host_bytes,
+        memory_budget=memory_budget,
     )
     options = config.resolve("torchgc.patch()", given)
     if any(getattr(options, name) for name in hf.NORM_OPTIONS):

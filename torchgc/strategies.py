@@ -62,7 +62,7 @@ def checkpoint(
     module = owning_module(function)
     if not torch.is_grad_enabled():
         return function(*args, **kwargs)
-    if only_trainable and module is not None and _is_frozen(module) and not _any_tensor_requires_grad(args, kwargs, _partial_keywords(function)):
+    if only_trainable and module is not None and no_gradient_reaches(module, function, args, kwargs):
         counters.record_checkpoint(module, "frozen")
         return function(*args, **kwargs)
 
@@ -81,7 +81,7 @@ def checkpoint(
             context_fn=selective.context_fn, **kwargs
         )
 
-    if use_reentrant and module is not None and not _is_frozen(module) and not _any_tensor_requires_grad(args, kwargs, _partial_keywords(function)):
+    if use_reentrant and module is not None and not _is_frozen(module) and not _any_tensor_requires_grad(args, kwargs, partial_keywords(function)):
         args = _with_an_input_requiring_grad(args)
     reason = _reentrant_would_fail(args, module) if use_reentrant else None
     if reason:
@@ -137,6 +137,11 @@ def _check_arguments(strategy, flags, min_offload_bytes, max_host_bytes) -> None
             raise ValueError(f"torchgc.checkpoint: argument '{name}' must be None or an int >= 0; got {value!r}")
 
 
+def no_gradient_reaches(module: torch.nn.Module, function: Callable, args: tuple, kwargs: dict) -> bool:
+    """True for a layer call that builds no graph: every parameter frozen, no input requiring grad."""
+    return _is_frozen(module) and not _any_tensor_requires_grad(args, kwargs, partial_keywords(function))
+
+
 def _is_frozen(module: torch.nn.Module) -> bool:
     # A parameter-free block (an attention core, an activation stack) is not frozen: its
     # activations are as large as any layer's, and checkpointing it saves them.
@@ -185,7 +190,7 @@ def _any_tensor_requires_grad(*trees) -> bool:
     return any(isinstance(t, torch.Tensor) and t.requires_grad for t in pytree.tree_leaves(trees))
 
 
-def _partial_keywords(function: Callable) -> list:
+def partial_keywords(function: Callable) -> list:
     """The keywords bound by functools.partial around ``function`` (transformers binds a layer's
     keyword inputs that way)."""
     keywords = []

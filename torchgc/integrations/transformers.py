@@ -14,7 +14,7 @@ from typing import Any, Callable, Dict, Optional
 
 import torch
 
-from torchgc import config, ops, strategies
+from torchgc import config, ops, planner, strategies
 from torchgc.integrations import distributed
 
 ENABLE = "gradient_checkpointing_enable"
@@ -35,6 +35,7 @@ class _ModelState:
         self.saved_use_cache: list = []  # (config, value) pairs set to False by enable
         self.norm_handles: Dict[str, Any] = {}
         self.warned_fsdp2 = False
+        self.planner: Optional[planner.Planner] = None  # the checkpoint function under a memory budget
 
 
 def _state(model) -> _ModelState:
@@ -125,7 +126,7 @@ def enable(
         use_reentrant = False
 
     gc_func = _TorchgcCheckpoint(
-        strategies.checkpoint,
+        _checkpoint_function(state, options),
         strategy=options.strategy,
         use_reentrant=use_reentrant,
         only_trainable=options.only_trainable,
@@ -153,6 +154,31 @@ def enable(
         state.input_grad_hook = _require_input_grads(model)
     _turn_off_cache(model, state)
     apply_norm_options(model, options, function)
+
+
+def _checkpoint_function(state: _ModelState, options: config.Options) -> Callable:
+    """torchgc.checkpoint, or with a memory budget the model's Planner (kept across enables with the
+    same budget and strategy, so its measured plans survive TRL's disable/enable cycles)."""
+    if options.memory_budget is None:
+        state.planner = None
+        return strategies.checkpoint
+    if state.planner is None or (state.planner.budget, state.planner.strategy) != (options.memory_budget, options.strategy):
+        state.planner = planner.Planner(options.memory_budget, options.strategy)
+    return state.planner
+
+
+def explain(model) -> dict:
+    """What torchgc's checkpointing does to ``model``'s layers: the options in force and, under a
+    memory budget, the plan per input shape (each layer's mode with its measured bytes and time)."""
+    function = next((m._gradient_checkpointing_func for m in model.modules() if getattr(m, "gradient_checkpointing", False)), None)
+    if function is None:
+        return {"checkpointing": None}
+    if not is_torchgc_function(function):
+        return {"checkpointing": f"not torchgc: {function!r}"}
+    explained = {"checkpointing": "torchgc", "options": {k: v for k, v in function.keywords.items()}}
+    if isinstance(function.func, planner.Planner):
+        explained.update(function.func.explain())
+    return explained
 
 
 class _TorchgcCheckpoint(functools.partial):
