@@ -26,13 +26,15 @@ def tiny_config(tmp_path):
 def test_sweep_writes_table_json_and_plot_with_gradient_agreement(tiny_config, tmp_path):
     out = tmp_path / "results"
     cmd = [sys.executable, "-m", "torchgc", "bench", "--config", str(tiny_config), "--seq-lens", "16", "--steps", "1",
-           "--strategies", "none,hf,torchgc-offload", "--no-fused-norm", "--no-freeze", "--out", str(out), "--quiet"]
+           "--strategies", "none,hf,torchgc-offload,torchgc-selective", "--memory-budgets", "0.9", "--no-fused-norm", "--no-freeze",
+           "--out", str(out), "--quiet"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     report = json.loads((out / "bench.json").read_text())
     assert report["environment"]["torch"] and report["environment"]["transformers"]
     names = {(r["name"], r["seq_len"]) for r in report["results"]}
-    expected = {"none", "hf-reentrant", "hf-nonreentrant", "torchgc-offload-reentrant", "torchgc-offload-nonreentrant"}
+    expected = {"none", "hf-reentrant", "hf-nonreentrant", "torchgc-offload-reentrant", "torchgc-offload-nonreentrant",
+                "torchgc-selective-nonreentrant", "torchgc-auto-nonreentrant+budget-0.9"}
     assert names == {(n, 16) for n in expected}
     # Each configuration ran through the public path: transformers' own enable for "hf", and for
     # torchgc the enable that torchgc.patch() installs on PreTrainedModel, with the run's options.
@@ -46,8 +48,10 @@ def test_sweep_writes_table_json_and_plot_with_gradient_agreement(tiny_config, t
             assert reentrant in row["checkpointed_with"], row
         else:
             assert row["enabled_with"] == "torchgc.patching.gradient_checkpointing_enable", row
-            assert row["checkpointed_with"].startswith("torchgc.strategies.checkpoint("), row
-            assert "strategy='offload'" in row["checkpointed_with"] and reentrant in row["checkpointed_with"], row
+            function = "torchgc.planner.Planner(" if "budget" in row["name"] else "torchgc.strategies.checkpoint("
+            assert row["checkpointed_with"].startswith(function), row
+            strategy = row["name"].split("-")[1]
+            assert f"strategy='{strategy}'" in row["checkpointed_with"] and reentrant in row["checkpointed_with"], row
     saved = {row["name"]: row["saved_for_backward_bytes"] for row in report["results"]}
     assert all(saved[name] < saved["none"] for name in saved if name != "none"), saved
     for row in report["results"]:
@@ -143,7 +147,8 @@ def test_measuring_leaves_the_next_step_unchanged(kind, use_reentrant):
 @pytest.mark.parametrize(
     "args,message",
     [
-        (["--strategies", "none,fast"], "--strategies: unknown fast; expected a subset of none, hf, torchgc-checkpoint, torchgc-offload"),
+        (["--strategies", "none,fast"], "--strategies: unknown fast; expected a subset of none, hf, torchgc-checkpoint, torchgc-offload, torchgc-selective, torchgc-auto"),
+        (["--memory-budgets", "0.5,2"], "--memory-budgets: expected comma-separated fractions in (0, 1], got '0.5,2'"),
         (["--model", "/no/such/model"], "--model: expected a local checkpoint directory with a config.json, got '/no/such/model'"),
         (["--config", "/no/such/config.json"], "--config: no such file '/no/such/config.json'"),
         (["--seq-lens", "0,128"], "--seq-lens: expected lengths between 1 and the model's maximum 8192, got [0]"),

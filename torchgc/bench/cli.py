@@ -26,6 +26,7 @@ def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.A
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--no-fused-norm", action="store_true", help="skip the fused-norm variant")
+    parser.add_argument("--memory-budgets", default="", help="comma-separated fractions, each a torchgc-auto run planned within it (e.g. 0.25,0.5,0.75)")
     parser.add_argument("--no-freeze", action="store_true", help="skip the bottom-quarter-trainable variants")
     parser.add_argument("--out", default="results", help="folder for bench.json and bench.png (default: results)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -47,6 +48,14 @@ def main(argv=None, args=None) -> int:
         seq_lens = [int(s) for s in args.seq_lens.split(",") if s.strip()]
     except ValueError:
         return _fail(f"--seq-lens: expected comma-separated integers, got {args.seq_lens!r}")
+    try:
+        budgets = [float(s) for s in args.memory_budgets.split(",") if s.strip()]
+    except ValueError:
+        budgets = [-1.0]
+    if any(not 0 < b <= 1 for b in budgets):
+        return _fail(f"--memory-budgets: expected comma-separated fractions in (0, 1], got {args.memory_budgets!r}")
+    if budgets and "torchgc-auto" not in kinds:
+        kinds.append("torchgc-auto")
     checked = [("--batch-size", args.batch_size), ("--steps", args.steps)] + ([("--layers", args.layers)] if args.layers is not None else [])
     for name, value in checked:
         if value < 1:
@@ -84,7 +93,7 @@ def main(argv=None, args=None) -> int:
     if device not in ("cpu",) and not device.startswith("cuda"):
         return _fail(f"--device: expected cpu or cuda, got {device!r}")
 
-    runs = [r for r in default_runs(fused_norm=not args.no_fused_norm, freeze=not args.no_freeze) if r.kind in kinds]
+    runs = [r for r in default_runs(fused_norm=not args.no_fused_norm, freeze=not args.no_freeze, memory_budgets=budgets) if r.kind in kinds]
 
     try:
         results = sweep(model_spec, runs, seq_lens, device=device, batch_size=args.batch_size, steps=args.steps, warmup=args.warmup, progress=not args.quiet)

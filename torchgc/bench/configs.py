@@ -1,7 +1,7 @@
 """What `torchgc bench` runs: the default model, the configurations, and one result."""
 
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import List, Optional, Sequence
 
 # A small Llama that runs a 2048-token step in about a second on two CPU cores.
 DEFAULT_MODEL_CONFIG = {
@@ -17,7 +17,7 @@ DEFAULT_MODEL_CONFIG = {
     "tie_word_embeddings": False,
 }
 
-STRATEGY_KINDS = ("none", "hf", "torchgc-checkpoint", "torchgc-offload")
+STRATEGY_KINDS = ("none", "hf", "torchgc-checkpoint", "torchgc-offload", "torchgc-selective", "torchgc-auto")
 BASELINE = "hf-nonreentrant"
 
 
@@ -27,6 +27,7 @@ class RunConfig:
     use_reentrant: bool = False
     fused_norm: bool = False
     trainable_fraction: float = 1.0  # < 1: only the bottom fraction of layers is trained
+    memory_budget: Optional[float] = None  # torchgc's per-layer plan within this fraction (kind torchgc-auto)
 
     @property
     def name(self) -> str:
@@ -35,6 +36,8 @@ class RunConfig:
             name += "+fused-norm"
         if self.trainable_fraction < 1:
             name += f"+train-bottom-{self.trainable_fraction:g}"
+        if self.memory_budget is not None:
+            name += f"+budget-{self.memory_budget:g}"
         return name
 
 
@@ -56,11 +59,13 @@ class RunResult:
     grads_file: str = field(default="", repr=False)
 
 
-def default_runs(fused_norm: bool, freeze: bool) -> List[RunConfig]:
+def default_runs(fused_norm: bool, freeze: bool, memory_budgets: Sequence[float] = ()) -> List[RunConfig]:
     runs = [RunConfig("none")]
     for kind in ("hf", "torchgc-checkpoint", "torchgc-offload"):
         for reentrant in (True, False):
             runs.append(RunConfig(kind, reentrant))
+    runs.append(RunConfig("torchgc-selective", False))  # always non-reentrant
+    runs += [RunConfig("torchgc-auto", False, memory_budget=b) for b in memory_budgets]
     if fused_norm:
         runs.append(RunConfig("torchgc-checkpoint", False, fused_norm=True))
     if freeze:

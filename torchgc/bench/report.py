@@ -45,16 +45,23 @@ def plot(results: List[RunResult], path: Path) -> Optional[Path]:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    fig, (ax_mem, ax_time) = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, (ax_mem, ax_time, ax_trade) = plt.subplots(1, 3, figsize=(18, 4.5))
+    longest = max(r.seq_len for r in results)
     for name in dict.fromkeys(r.config.name for r in results):
         rows = sorted((r for r in results if r.config.name == name), key=lambda r: r.seq_len)
         seqs = [r.seq_len for r in rows]
         ax_mem.plot(seqs, [r.peak_activation_bytes / 2**20 for r in rows], marker="o", label=name)
         ax_time.plot(seqs, [r.step_seconds for r in rows], marker="o", label=name)
+        for r in rows:
+            if r.seq_len == longest:
+                ax_trade.scatter(r.peak_activation_bytes / 2**20, r.step_seconds)
+                ax_trade.annotate(name, (r.peak_activation_bytes / 2**20, r.step_seconds), fontsize=6)
     ax_mem.set(xlabel="sequence length", ylabel="peak activation memory (MiB)", title="Peak memory per step")
     ax_time.set(xlabel="sequence length", ylabel="step time (s, median)", title="Step time")
+    ax_trade.set(xlabel="peak activation memory (MiB)", ylabel="step time (s, median)", title=f"Step time against memory, seq {longest}")
     for ax in (ax_mem, ax_time):
         ax.set_xscale("log", base=2)
+    for ax in (ax_mem, ax_time, ax_trade):
         ax.grid(True, alpha=0.3)
     ax_time.legend(fontsize=7, loc="upper left")
     fig.tight_layout()

@@ -50,7 +50,7 @@ def apply_config(model, config: RunConfig) -> list:
     elif config.kind.startswith("torchgc-"):
         # Every input is offloaded however small, so the tiny models of the tests offload too.
         torchgc.patch(strategy=config.kind.split("-", 1)[1], use_reentrant=config.use_reentrant, min_offload_bytes=0,
-                      fused_norm=config.fused_norm)
+                      fused_norm=config.fused_norm, memory_budget=config.memory_budget)
         model.gradient_checkpointing_enable()
     return [p for p in model.parameters() if p.requires_grad] or list(model.parameters())
 
@@ -69,7 +69,8 @@ def describe_checkpointing(model) -> dict:
         if isinstance(function, functools.partial):
             options = "(" + ", ".join(f"{k}={v!r}" for k, v in sorted(function.keywords.items())) + ")"
             function = function.func
-        described.append(f"{function.__module__}.{function.__qualname__}{options}")
+        qualname = getattr(function, "__qualname__", type(function).__qualname__)  # a Planner is an instance
+        described.append(f"{function.__module__}.{qualname}{options}")
     return {"enabled_with": f"{enable.__module__}.{enable.__qualname__}", "checkpointed_with": " | ".join(sorted(described))}
 
 
