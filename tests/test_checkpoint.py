@@ -377,3 +377,18 @@ def test_host_cap_keeps_tensors_on_the_device(count_offloads):
 def test_bad_arguments_raise_a_clear_error(kwargs, match):
     with pytest.raises(ValueError, match=match):
         torchgc.checkpoint(torch.nn.Linear(2, 2), torch.randn(1, 2), **kwargs)
+
+
+@pytest.mark.skipif(not torchgc.strategies._SAC_HOOKS, reason="this torch's checkpoint has no respect_saved_tensors_hooks")
+def test_selective_keeps_its_outputs_through_the_hooks_around_it():
+    # An outer saved-tensor hook (torch's save_on_cpu, a memory counter) sees what selective keeps,
+    # as it sees every other saved tensor, and torch has nothing to warn about.
+    layer = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.GELU(), torch.nn.Linear(256, 64))
+    x = torch.randn(8, 64, requires_grad=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        kept, out = bytes_saved_for_backward(lambda: torchgc.checkpoint(layer, x, strategy="selective"))
+    assert not [w for w in caught if issubclass(w.category, FutureWarning)], [str(w.message) for w in caught]
+    assert kept >= x.numel() * 4 + 8 * 256 * 4, kept  # the input, and at least the first matmul's output
+    out.sum().backward()
+    assert x.grad is not None

@@ -7,6 +7,7 @@ and selective adds torch's selective checkpoint contexts with torchgc's policy (
 
 import contextlib
 import functools
+import inspect
 import warnings
 from typing import Any, Callable, List, Optional
 
@@ -78,7 +79,7 @@ def checkpoint(
         counters.record_checkpoint(module, "selective")
         return torch.utils.checkpoint.checkpoint(
             function, *args, use_reentrant=False, preserve_rng_state=preserve_rng_state,
-            context_fn=selective.context_fn, **kwargs
+            context_fn=selective.context_fn, **_SAC_HOOKS, **kwargs
         )
 
     if use_reentrant and module is not None and not _is_frozen(module) and not _any_tensor_requires_grad(args, kwargs, partial_keywords(function)):
@@ -124,6 +125,13 @@ def owning_module(function: Callable) -> Optional[torch.nn.Module]:
 
 
 _ACCELERATORS = frozenset({"cuda", "xpu", "hpu", "mtia", "privateuseone"})
+# Where torch has the switch, the outputs selective keeps pass through the saved-tensor hooks around
+# the layer (save_on_cpu, a memory counter) like every other saved tensor; torch's old default
+# bypasses them, and warns that it will change.
+_SAC_HOOKS = (
+    {"respect_saved_tensors_hooks": True}
+    if "respect_saved_tensors_hooks" in inspect.signature(torch.utils.checkpoint.checkpoint).parameters else {}
+)
 
 
 def _check_arguments(strategy, flags, min_offload_bytes, max_host_bytes) -> None:
