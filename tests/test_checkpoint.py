@@ -392,3 +392,23 @@ def test_selective_keeps_its_outputs_through_the_hooks_around_it():
     assert kept >= x.numel() * 4 + 8 * 256 * 4, kept  # the input, and at least the first matmul's output
     out.sum().backward()
     assert x.grad is not None
+
+
+def test_the_selective_policy_keeps_matmuls_but_not_attention_scores_or_seeded_attention():
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    from torchgc.selective import policy
+
+    aten = torch.ops.aten
+    q, k_t, v = torch.randn(2, 64, 8), torch.randn(2, 8, 64), torch.randn(2, 64, 8)
+    scores = torch.randn(2, 64, 64)
+    x, w = torch.randn(64, 32), torch.randn(32, 96)
+    save, recompute = CheckpointPolicy.MUST_SAVE, CheckpointPolicy.PREFER_RECOMPUTE
+    assert policy(None, aten.mm.default, x, w) is save  # a projection, even one that widens
+    assert policy(None, aten.bmm.default, scores, v) is save  # attention weights times V
+    assert policy(None, aten.bmm.default, q, k_t) is recompute  # Q·Kᵀ: 64 x 64 from two 64 x 8
+    assert policy(None, aten.gelu.default, x) is recompute
+    attention = aten._scaled_dot_product_flash_attention_for_cpu.default
+    q4 = torch.randn(1, 2, 16, 8)
+    assert policy(None, attention, q4, q4, q4) is save
+    assert policy(None, attention, q4, q4, q4, 0.1) is recompute

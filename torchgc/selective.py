@@ -43,13 +43,31 @@ def _dropout_p(op, args, kwargs) -> float:
     return 0.0
 
 
+_BATCHED_MATMULS = _overloads(["bmm", "baddbmm"])
+
+
+def _output_outgrows_inputs(args) -> bool:
+    """For bmm(a, b) and baddbmm(bias, a, b): is the output larger than a and b together?"""
+    a, b = [t for t in args if isinstance(t, torch.Tensor)][-2:]
+    return a.shape[0] * a.shape[1] * b.shape[-1] > a.numel() + b.numel()
+
+
 def policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
-    """Save the outputs of SAVED_OPS, recompute the rest. A fused attention with dropout draws
-    random numbers, so it is recomputed too: were it read from the cache, the recompute would draw
-    fewer numbers than the forward did, and every later dropout mask would differ."""
-    if op in SAVED_OPS and not (torch.Tag.nondeterministic_seeded in op.tags and _dropout_p(op, args, kwargs) != 0):
-        return CheckpointPolicy.MUST_SAVE
-    return CheckpointPolicy.PREFER_RECOMPUTE
+    """Save the outputs of SAVED_OPS, recompute the rest, with two exceptions.
+
+    A batched matmul whose output is larger than its inputs together is recomputed: in eager
+    attention that is Q·Kᵀ, sequence × sequence per head, the layer's largest activation and among
+    its cheapest per byte to recompute (the projections dispatch to mm/addmm and are always kept).
+    A fused attention with dropout draws random numbers, so it is recomputed too: were it read from
+    the cache, the recompute would draw fewer numbers than the forward did, and every later dropout
+    mask would differ."""
+    if op not in SAVED_OPS:
+        return CheckpointPolicy.PREFER_RECOMPUTE
+    if op in _BATCHED_MATMULS and _output_outgrows_inputs(args):
+        return CheckpointPolicy.PREFER_RECOMPUTE
+    if torch.Tag.nondeterministic_seeded in op.tags and _dropout_p(op, args, kwargs) != 0:
+        return CheckpointPolicy.PREFER_RECOMPUTE
+    return CheckpointPolicy.MUST_SAVE
 
 
 context_fn = functools.partial(create_selective_checkpoint_contexts, policy)
