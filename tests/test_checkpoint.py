@@ -412,3 +412,12 @@ def test_the_selective_policy_keeps_matmuls_but_not_attention_scores_or_seeded_a
     q4 = torch.randn(1, 2, 16, 8)
     assert policy(None, attention, q4, q4, q4) is save
     assert policy(None, attention, q4, q4, q4, 0.1) is recompute
+
+
+def test_the_owning_module_is_found_in_every_form_transformers_passes():
+    layer = torch.nn.Linear(4, 4)
+    owning_module = torchgc.strategies.owning_module
+    assert owning_module(layer) is layer
+    assert owning_module(functools.partial(layer.__call__, bias=None)) is layer  # transformers 4.x, 5.x
+    assert owning_module(functools.partial(type(layer).forward, layer)) is layer  # transformers 5.23
+    assert owning_module(functools.partial(torch.tanh)) is None

@@ -115,9 +115,16 @@ def checkpoint(
 def owning_module(function: Callable) -> Optional[torch.nn.Module]:
     """The module a layer call belongs to: a module itself, a bound method of one, or either inside
     functools.partial (transformers' GradientCheckpointingLayer passes
-    ``partial(super().__call__, **kwargs)``; LLaMA-Factory issue #7699)."""
+    ``partial(super().__call__, **kwargs)``; LLaMA-Factory issue #7699), or the module bound as
+    the first argument of a partial (transformers 5.23 passes ``partial(forward, self, **kwargs)``)."""
     while isinstance(function, functools.partial):
+        if function.args and isinstance(function.args[0], torch.nn.Module) and _bound_module(function.func) is None:
+            return function.args[0]
         function = function.func
+    return _bound_module(function)
+
+
+def _bound_module(function: Callable) -> Optional[torch.nn.Module]:
     if isinstance(function, torch.nn.Module):
         return function
     owner = getattr(function, "__self__", None)
