@@ -14,13 +14,11 @@ time. Gradients never differ from no checkpointing: every mode recomputes exactl
 """
 
 import dataclasses
-import inspect
 import math
 import time
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
-import torch.utils.checkpoint
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.checkpoint import CheckpointPolicy
@@ -180,15 +178,6 @@ def _mib(n: int) -> str:
     return f"{n / 2**20:.2f} MiB"
 
 
-# The keys of a checkpoint call that configure the checkpoint; the rest are the layer's own.
-_CHECKPOINT_KEYS = frozenset(
-    name
-    for fn in (strategies.checkpoint, torch.utils.checkpoint.checkpoint)
-    for name, p in inspect.signature(fn).parameters.items()
-    if p.kind in (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD) and name != "function"
-)
-
-
 class Planner:
     """The checkpoint function of a model under a memory budget: called as torchgc.checkpoint is,
     it runs each layer in the mode its shape's plan gives it (measuring first, see the module)."""
@@ -212,7 +201,7 @@ class Planner:
             return out
         mode = plan_modes.get(id(module), "checkpoint")
         if mode == "none":
-            return function(*args, **{k: v for k, v in kwargs.items() if k not in _CHECKPOINT_KEYS})
+            return function(*args, **_layer_kwargs(kwargs))
         return strategies.checkpoint(function, *args, **{**kwargs, "strategy": mode})
 
     def explain(self) -> dict:
@@ -237,7 +226,7 @@ class Planner:
         return None
 
     def _measure(self, shape, module, function, args, kwargs) -> None:
-        layer_kwargs = {k: v for k, v in kwargs.items() if k not in _CHECKPOINT_KEYS}
+        layer_kwargs = _layer_kwargs(kwargs)
         name = type(module).__name__
         if strategies.no_gradient_reaches(module, function, args, layer_kwargs):
             cost = LayerCost(name, {"none": 0}, {"none": 0.0}, 0)  # it keeps nothing, whatever the mode
@@ -329,6 +318,10 @@ def _host_round_trip_seconds(args, sync) -> float:
             sync()
             seconds += time.perf_counter() - start
     return seconds
+
+
+def _layer_kwargs(kwargs: dict) -> dict:
+    return {k: v for k, v in kwargs.items() if k not in strategies.CHECKPOINT_KEYS}
 
 
 def _tensors(tree) -> List[torch.Tensor]:

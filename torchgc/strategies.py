@@ -63,7 +63,9 @@ def checkpoint(
     module = owning_module(function)
     if not torch.is_grad_enabled():
         return function(*args, **kwargs)
-    if only_trainable and module is not None and no_gradient_reaches(module, function, args, kwargs):
+    frozen = module is not None and _is_frozen(module)
+    inputs_need_grad = _any_tensor_requires_grad(args, kwargs, partial_keywords(function))
+    if only_trainable and frozen and not inputs_need_grad:  # no_gradient_reaches, each part computed once
         counters.record_checkpoint(module, "frozen")
         return function(*args, **kwargs)
 
@@ -82,7 +84,7 @@ def checkpoint(
             context_fn=selective.context_fn, **_SAC_HOOKS, **kwargs
         )
 
-    if use_reentrant and module is not None and not _is_frozen(module) and not _any_tensor_requires_grad(args, kwargs, partial_keywords(function)):
+    if use_reentrant and module is not None and not frozen and not inputs_need_grad:
         args = _with_an_input_requiring_grad(args)
     reason = _reentrant_would_fail(args, module) if use_reentrant else None
     if reason:
@@ -130,6 +132,15 @@ def _bound_module(function: Callable) -> Optional[torch.nn.Module]:
     owner = getattr(function, "__self__", None)
     return owner if isinstance(owner, torch.nn.Module) else None
 
+
+# Every keyword a checkpoint call may carry that configures the checkpoint (torchgc's and torch's);
+# the others are the layer's own.
+CHECKPOINT_KEYS = frozenset(
+    name
+    for fn in (checkpoint, torch.utils.checkpoint.checkpoint)
+    for name, p in inspect.signature(fn).parameters.items()
+    if p.kind in (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD) and name != "function"
+)
 
 _ACCELERATORS = frozenset({"cuda", "xpu", "hpu", "mtia", "privateuseone"})
 # Where torch has the switch, the outputs selective keeps pass through the saved-tensor hooks around

@@ -227,16 +227,8 @@ def _split_kwargs(function: str, base: config.Options, kwargs: Dict[str, Any], a
     return config.override(function, base, kwargs, argument), forwarded
 
 
-@functools.lru_cache(maxsize=None)
 def _forwardable_keys() -> frozenset:
-    keys = set()
-    for fn in (strategies.checkpoint, torch.utils.checkpoint.checkpoint):
-        for p in inspect.signature(fn).parameters.values():
-            if p.kind is inspect.Parameter.KEYWORD_ONLY or (
-                p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD and p.name != "function"
-            ):
-                keys.add(p.name)
-    return frozenset(keys - set(config.OPTION_NAMES))
+    return strategies.CHECKPOINT_KEYS - set(config.OPTION_NAMES)
 
 
 def _require_offload_ops(function: str) -> None:
