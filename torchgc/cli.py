@@ -32,6 +32,8 @@ def _add_patch_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--min-offload-bytes", dest="min_offload_bytes", metavar="SIZE", help="smallest input to offload (default: 2MiB)")
     group.add_argument("--memory-budget", dest="memory_budget", metavar="BUDGET",
                        help="plan a mode per layer within this activation memory: a fraction of it without checkpointing (0.3) or a size (12GiB)")
+    group.add_argument("--every-n-layers", dest="every_n_layers", type=int, metavar="N",
+                       help="checkpoint only layers 0, N, 2N, ... as transformers' every_n_layers does (default: 1, every layer)")
     group.add_argument("--max-host-bytes", dest="max_host_bytes", metavar="SIZE", help="stop offloading while this much host memory is in use (default: no cap)")
 
 

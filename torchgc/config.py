@@ -34,6 +34,7 @@ class Options:
     fused_norm: bool = False
     upcast_lmhead_output: bool = False
     memory_budget: Optional[Any] = None  # None: checkpoint every layer; a fraction or a byte count: plan per layer
+    every_n_layers: int = 1  # checkpoint decoder layers 0, n, 2n, ... (transformers' pattern); the rest keep everything
 
 
 OPTION_NAMES = tuple(f.name for f in dataclasses.fields(Options))
@@ -81,6 +82,10 @@ def _byte_count(value: Any) -> Optional[str]:
     return "None, an int >= 0 or a size such as '8GiB'"
 
 
+def _positive_int(value: Any) -> Optional[str]:
+    return "an int >= 1" if isinstance(value, bool) or not isinstance(value, int) or value < 1 else None
+
+
 def _budget(value: Any) -> Optional[str]:
     if value is None or (isinstance(value, float) and 0 < value <= 1) or (isinstance(value, int) and not isinstance(value, bool) and value > 0):
         return None
@@ -124,6 +129,7 @@ _CHECKS: Mapping[str, Callable[[Any], Optional[str]]] = {
     "fused_norm": _boolean,
     "upcast_lmhead_output": _boolean,
     "memory_budget": _budget,
+    "every_n_layers": _positive_int,
 }
 
 
@@ -154,6 +160,10 @@ def _parse_env(function: str, name: str, text: str) -> Any:
         return parse_size(word)
     if name == "memory_budget":
         return None if word in ("", "none", "default") else check(function, name, word, where=where)
+    if name == "every_n_layers":
+        if word in ("", "default"):
+            return None
+        return check(function, name, int(word) if word.isdigit() else text, where=where)
     if name == "use_reentrant" and word in ("", "none", "auto", "default"):
         return None
     if word in _TRUE:
@@ -166,7 +176,7 @@ def _parse_env(function: str, name: str, text: str) -> Any:
 
 def resolve(function: str, given: Mapping[str, Any], environ: Optional[Mapping[str, str]] = None) -> Options:
     """Options from ``given`` (None entries mean not given), then the environment, then defaults."""
-    return dataclasses.replace(DEFAULTS, **explicit(function, given, environ))
+    return checked_together(function, dataclasses.replace(DEFAULTS, **explicit(function, given, environ)))
 
 
 def explicit(function: str, given: Mapping[str, Any], environ: Optional[Mapping[str, str]] = None) -> dict:
@@ -194,4 +204,14 @@ def override(function: str, options: Options, keys: Mapping[str, Any], argument:
     for name in OPTION_NAMES:
         if name in keys:
             values[name] = check(function, name, keys[name], where=f"{argument}[{name!r}]")
-    return dataclasses.replace(options, **values)
+    return checked_together(function, dataclasses.replace(options, **values))
+
+
+def checked_together(function: str, options: Options) -> Options:
+    """``options``, or a ValueError for options that contradict each other."""
+    if options.every_n_layers != 1 and options.memory_budget is not None:
+        raise ValueError(
+            f"{function}: every_n_layers={options.every_n_layers} and memory_budget={options.memory_budget!r} both "
+            "choose which layers to checkpoint; give one of them"
+        )
+    return options

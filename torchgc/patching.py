@@ -160,6 +160,7 @@ def patch(
     min_offload_bytes: Optional[int] = None,
     max_host_bytes: Optional[int] = None,
     memory_budget=None,
+    every_n_layers: Optional[int] = None,
 ) -> config.Options:
     """Routes every transformers model's gradient_checkpointing_enable through torchgc.
 
@@ -167,7 +168,8 @@ def patch(
     strategy "auto", use_reentrant as the installed transformers (True before 5.0, False from
     5.0), only_trainable True, prefetch True, min_offload_bytes torchgc.checkpoint's default (2 MiB),
     max_host_bytes no cap, the norm options False, memory_budget None (checkpoint every layer; a
-    fraction such as 0.3 or a size such as "12GiB" plans a mode per layer, see torchgc.planner).
+    fraction such as 0.3 or a size such as "12GiB" plans a mode per layer, see torchgc.planner),
+    every_n_layers 1 (n checkpoints decoder layers 0, n, 2n, ... only, as transformers' argument does).
     The byte counts also take sizes such as "8GiB".
     Calling patch() again only updates the options. Returns them.
     """
@@ -183,6 +185,7 @@ def patch(
         min_offload_bytes=min_offload_bytes,
         max_host_bytes=max_host_bytes,
         memory_budget=memory_budget,
+        every_n_layers=every_n_layers,
     )
     options = config.resolve("torchgc.patch()", given)
     if any(getattr(options, name) for name in hf.NORM_OPTIONS):

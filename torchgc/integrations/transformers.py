@@ -7,6 +7,7 @@ last call's kwargs), and apply the norm options. ``torchgc.patching`` calls them
 other integrations call them for one model. transformers is imported only when they run.
 """
 
+import dataclasses
 import functools
 import inspect
 import warnings
@@ -80,7 +81,8 @@ def enable(
 
     kwargs: the call's gradient_checkpointing_kwargs, which refine ``options`` (default: the
     TORCHGC_* environment); None or {} repeats the previous enable's kwargs. method names the
-    method the user called, for error messages. Checks everything before it changes the model.
+    method the user called, for error messages. every_n_layers (transformers 5.x's argument) other
+    than 1 overrides the option of that name. Checks everything before it changes the model.
     """
     function = f"{type(model).__name__}.{method}()"
     argument = "activation_checkpointing_kwargs" if method == AC_ENABLE else "gradient_checkpointing_kwargs"
@@ -108,13 +110,9 @@ def enable(
     if options.strategy == "offload":
         _require_offload_ops(function)
     old_format = _uses_old_format(model)
-    if every_n_layers != 1 and (
-        old_format or "every_n_layers" not in inspect.signature(model._set_gradient_checkpointing).parameters
-    ):
-        raise ValueError(
-            f"{function}: argument 'every_n_layers' needs a transformers whose _set_gradient_checkpointing takes "
-            f"it; got every_n_layers={every_n_layers}"
-        )
+    if every_n_layers != 1:
+        options = config.checked_together(function, dataclasses.replace(options, every_n_layers=every_n_layers))
+    skipped_layers = _layers_not_checkpointed(model, options, function, old_format)
     if use_reentrant and distributed.uses_fsdp2(model):
         if not state.warned_fsdp2:
             warnings.warn(
@@ -142,10 +140,10 @@ def enable(
             stacklevel=3,
         )
         model.apply(functools.partial(model._set_gradient_checkpointing, value=True))
-    elif every_n_layers != 1:
-        model._set_gradient_checkpointing(enable=True, gradient_checkpointing_func=gc_func, every_n_layers=every_n_layers)
     else:
         model._set_gradient_checkpointing(enable=True, gradient_checkpointing_func=gc_func)
+        for layer in skipped_layers:
+            layer.gradient_checkpointing = False
 
     if remember:
         state.call_kwargs = call_kwargs
@@ -154,6 +152,31 @@ def enable(
         state.input_grad_hook = _require_input_grads(model)
     _turn_off_cache(model, state)
     apply_norm_options(model, options, function)
+
+
+def _layers_not_checkpointed(model, options: config.Options, function: str, old_format: bool) -> list:
+    """The layers every_n_layers leaves without checkpointing: all decoder layers but 0, n, 2n, ...,
+    the pattern of transformers 5.x's own every_n_layers (torchgc sets it, so any transformers has it)."""
+    n = options.every_n_layers
+    if n == 1:
+        return []
+    layers = [] if old_format else decoder_layers(model)
+    if not layers:
+        raise ValueError(
+            f"{function}: argument 'every_n_layers' needs a model whose layers are transformers "
+            f"GradientCheckpointingLayer modules; {type(model).__name__} has none; got every_n_layers={n}"
+        )
+    return [layer for index, layer in enumerate(layers) if index % n != 0]
+
+
+def decoder_layers(model) -> list:
+    """The model's transformers GradientCheckpointingLayer modules in order ([] before transformers
+    had them), the layers transformers counts for every_n_layers."""
+    try:
+        from transformers.modeling_layers import GradientCheckpointingLayer
+    except ImportError:
+        return []
+    return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
 
 
 def _checkpoint_function(state: _ModelState, options: config.Options) -> Callable:
@@ -175,7 +198,8 @@ def explain(model) -> dict:
         return {"checkpointing": None}
     if not is_torchgc_function(function):
         return {"checkpointing": f"not torchgc: {function!r}"}
-    explained = {"checkpointing": "torchgc", "options": {k: v for k, v in function.keywords.items()}}
+    explained = {"checkpointing": "torchgc", "options": {k: v for k, v in function.keywords.items()},
+                 "checkpointed_layers": [i for i, m in enumerate(decoder_layers(model)) if m.gradient_checkpointing]}
     if isinstance(function.func, planner.Planner):
         explained.update(function.func.explain())
     return explained
