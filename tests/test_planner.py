@@ -6,6 +6,7 @@ bytes measured at the end of forward; a budget too small for any plan is a clear
 import copy
 import itertools
 import random
+import re
 
 import pytest
 import torch
@@ -35,15 +36,26 @@ def plans(model):
     return torchgc.explain(model)["plans"]
 
 
+def smallest_fraction(error: planner.BudgetError) -> float:
+    return float(re.search(r"a fraction (\d\.\d+) of", str(error)).group(1))
+
+
 @pytest.mark.parametrize("use_reentrant", [False, True], ids=["nonreentrant", "reentrant"])
 @pytest.mark.parametrize("name", ["llama", "qwen2", "gemma", "gpt2"])
 def test_gradients_equal_no_checkpoint_at_every_budget(name, use_reentrant):
-    model = build(name, layers=LAYERS, dropout=0.1)
+    model = build(name, layers=8, dropout=0.1)
     inputs = batch(seq_len=SEQ)
     references = [train_step(copy.deepcopy(model), inputs, seed=s) for s in range(2)]
+    # 0.1 is below every plan of these 8 layers (each keeps at least its input, and one layer at a
+    # time is recomputed): a clear error naming the smallest fraction, a plan at which then runs.
+    too_small = planned(model, 0.1, use_reentrant=use_reentrant)
+    train_step(too_small, inputs)
+    with pytest.raises(planner.BudgetError) as error:
+        train_step(too_small, inputs)
+    smallest = smallest_fraction(error.value)
+    assert 0.1 < smallest < 0.25
     modes_seen = set()
-    # With 4 layers, the smallest plan needs about 0.28: every input plus one layer recomputed.
-    for budget in (0.3, 0.5, 0.75, 1.0):
+    for budget in (smallest + 0.001, 0.25, 0.5, 0.75, 1.0):
         candidate = planned(model, budget, use_reentrant=use_reentrant)
         for seed in range(2):  # the measuring step, then a step under the plan
             assert_same_step(references[seed], train_step(candidate, inputs, seed=seed))
@@ -92,7 +104,7 @@ def test_predicted_bytes_fit_the_budget_and_match_the_bytes_alive_after_forward(
     checkpointed = copy.deepcopy(model)
     checkpointed.gradient_checkpointing_enable()
     baseline = bytes_alive_after_forward(checkpointed, inputs)  # every layer keeps only its input
-    for budget in (0.3, 0.5, 0.75, 1.0):
+    for budget in (0.35, 0.5, 0.75, 1.0):
         candidate = planned(model, budget)
         alive = bytes_alive_after_forward(candidate, inputs)
         (plan,) = plans(candidate)
@@ -101,6 +113,66 @@ def test_predicted_bytes_fit_the_budget_and_match_the_bytes_alive_after_forward(
         # Beyond the layer inputs, the bytes alive are the plan's, within 5% of the layers' bytes
         # without checkpointing.
         assert abs((alive - baseline) - (kept - LAYERS * hidden_bytes)) <= 0.05 * plan["no_checkpoint_bytes"], (budget, alive, baseline, kept)
+
+
+class LayerActivationPeak(TorchDispatchMode):
+    """The most bytes held at once, over a whole step, by the layers' activations: the storages
+    created inside a decoder layer's forward (the first one and any recompute in backward) and
+    the layers' inputs. Gradients, parameters and the loss's own tensors are not counted."""
+
+    def __init__(self, layers):
+        super().__init__()
+        self.inside, self.peak, self.live = 0, 0, {}
+        self.handles = [h for layer in layers for h in (layer.register_forward_pre_hook(self._enter), layer.register_forward_hook(self._leave, always_call=True))]
+
+    def _enter(self, module, args):
+        self.inside += 1
+        self._record(args)
+
+    def _leave(self, module, args, output):
+        self.inside -= 1  # also when non-reentrant checkpoint stops a recompute early by raising
+
+    def _record(self, tree):
+        for t in pytree.tree_leaves(tree):
+            if isinstance(t, torch.Tensor) and t.layout == torch.strided and t.is_floating_point():
+                storage = t.untyped_storage()
+                self.live[storage.data_ptr()] = (StorageWeakRef(storage), storage.nbytes())
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if self.inside:
+            # Only storages the op allocated: a view or an in-place result (a weight's transpose, a
+            # slice of the mask) belongs to a tensor made elsewhere.
+            used = {t.untyped_storage().data_ptr() for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+            self._record([t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in used])
+        self.live = {ptr: entry for ptr, entry in self.live.items() if not entry[0].expired()}
+        self.peak = max(self.peak, sum(size for _, size in self.live.values()))
+        return out
+
+    def __exit__(self, *exc):
+        for handle in self.handles:
+            handle.remove()
+        return super().__exit__(*exc)
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True], ids=["nonreentrant", "reentrant"])
+def test_the_measured_peak_of_the_step_stays_within_the_budget(use_reentrant):
+    model = build("llama", layers=8)
+    inputs = batch(seq_len=64)
+    peaks = []
+    for budget in (0.25, 0.5, 0.75, 1.0):
+        candidate = planned(model, budget, use_reentrant=use_reentrant)
+        train_step(candidate, inputs)  # the measuring step
+        with LayerActivationPeak(candidate.model.layers) as tracker:
+            train_step(candidate, inputs)
+        (plan,) = plans(candidate)
+        total = plan["no_checkpoint_bytes"]
+        # The plan's prediction is what was measured, within 5% of the layers' peak without
+        # checkpointing, and the budget holds.
+        assert abs(tracker.peak - plan["predicted_bytes"]) <= 0.05 * total, (budget, tracker.peak, plan["predicted_bytes"])
+        assert tracker.peak <= plan["budget_bytes"] + 0.05 * total, (budget, tracker.peak, plan["budget_bytes"])
+        peaks.append(tracker.peak)
+    assert peaks == sorted(peaks) and peaks[0] < 0.3 * peaks[-1], peaks
 
 
 def test_a_budget_below_every_plan_names_the_smallest():

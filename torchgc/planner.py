@@ -8,7 +8,9 @@ activation memory stays within the budget.
 The measuring step runs every layer checkpointed (its gradients are those of any other step) and,
 besides, runs each layer's forward twice more with grad on, under a forked RNG, and drops those
 results: once counting the bytes autograd saves (mode none) and timing it (the recompute cost), once
-counting the outputs that the selective policy would keep and timing those ops. So that step
+counting the outputs that the selective policy would keep, timing those ops, and sampling after
+every op the bytes the forward holds (its working set: what it saves plus its temporaries, which
+every mode holds while the layer runs, and a recomputing mode again in backward). So that step
 costs about three forwards per layer instead of two, and holds one layer's activations more at a
 time. Gradients never differ from no checkpointing: every mode recomputes exactly.
 """
@@ -19,6 +21,7 @@ import time
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
+from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.checkpoint import CheckpointPolicy
@@ -50,10 +53,12 @@ class LayerCost:
     kept_bytes: Dict[str, int]  # mode -> device bytes held for backward from forward until backward
     extra_seconds: Dict[str, float]  # mode -> time the mode adds to the step (recompute, copies)
     full_bytes: int  # everything the layer saves without checkpointing (= kept_bytes["none"])
+    # The most bytes the layer's forward holds at once: its input, what it saves and its
+    # temporaries (None: taken as full_bytes).
+    working_bytes: Optional[int] = None
 
-    def transient_bytes(self, mode: str) -> int:
-        """Bytes a recomputing mode holds on top of its kept bytes while the layer's backward runs."""
-        return 0 if mode == "none" else max(0, self.full_bytes - self.kept_bytes[mode])
+    def working(self) -> int:
+        return self.full_bytes if self.working_bytes is None else self.working_bytes
 
 
 @dataclasses.dataclass
@@ -62,14 +67,14 @@ class Plan:
     budget_bytes: int
     layers: List[LayerCost]
     modes: List[str]
-    predicted_bytes: int  # kept bytes of every layer plus the largest recompute transient
+    predicted_bytes: int  # the layers' predicted activation peak (_peak)
     predicted_seconds: float
 
     def as_dict(self) -> dict:
         return {
             "shape": list(self.shape[0]), "dtype": self.shape[1], "budget_bytes": self.budget_bytes,
             "predicted_bytes": self.predicted_bytes, "predicted_extra_seconds": self.predicted_seconds,
-            "no_checkpoint_bytes": sum(layer.full_bytes for layer in self.layers),
+            "no_checkpoint_bytes": no_checkpoint_peak(self.layers),
             "layers": [
                 {"layer": i, "name": layer.name, "mode": mode, "kept_bytes": layer.kept_bytes[mode],
                  "extra_seconds": layer.extra_seconds[mode], "measured": {"kept_bytes": layer.kept_bytes, "extra_seconds": layer.extra_seconds}}
@@ -79,45 +84,46 @@ class Plan:
 
 
 def budget_in_bytes(budget, layers: List[LayerCost]) -> int:
-    """A fraction counts against the layers' activation bytes without checkpointing."""
+    """A fraction counts against the layers' peak activation bytes without checkpointing."""
     if isinstance(budget, float):
-        return int(budget * sum(layer.full_bytes for layer in layers))
+        return int(budget * no_checkpoint_peak(layers))
     return budget
 
 
 def _peak(layers: List[LayerCost], modes: List[str]) -> int:
-    kept = sum(layer.kept_bytes[mode] for layer, mode in zip(layers, modes))
-    return kept + max((layer.transient_bytes(mode) for layer, mode in zip(layers, modes)), default=0)
+    """The predicted peak of the layers' activations, the layers in call order. Layer i holds its
+    working set in its forward, and again in backward when it recomputes, while the layers before
+    it hold their kept bytes (in backward, the layers after it hold nothing any more)."""
+    peak = prefix = 0
+    for layer, mode in zip(layers, modes):
+        peak = max(peak, prefix + layer.working())
+        prefix += layer.kept_bytes[mode]
+    return max(peak, prefix)
+
+
+def no_checkpoint_peak(layers: List[LayerCost]) -> int:
+    return _peak(layers, ["none"] * len(layers))
 
 
 def choose_modes(layers: List[LayerCost], budget_bytes: int, allowed: Tuple[str, ...]) -> Optional[List[str]]:
     """The modes of least predicted extra time whose predicted peak (_peak) fits budget_bytes, or
-    None when none fits. The largest transient is not additive, so for each candidate cap on it
-    the rest is a multiple-choice knapsack, solved exactly over the budget cut into _BYTE_UNITS
-    (bytes rounded up: the prediction only overstates)."""
-    best = None
-    caps = sorted({layer.transient_bytes(m) for layer in layers for m in allowed if m in layer.kept_bytes})
-    for cap in caps:
-        room = budget_bytes - cap
-        if room < 0:
-            break
-        options = [[m for m in allowed if m in layer.kept_bytes and layer.transient_bytes(m) <= cap] for layer in layers]
-        modes = _knapsack(layers, options, room)
-        if modes is not None:
-            seconds = sum(layer.extra_seconds[m] for layer, m in zip(layers, modes))
-            if best is None or seconds < best[0]:
-                best = (seconds, modes)
-    return None if best is None else best[1]
-
-
-def _knapsack(layers, options, room: int) -> Optional[List[str]]:
-    unit = max(1.0, room / _BYTE_UNITS)
-    size = int(room // unit) + 1
+    None when none fits: a knapsack over the layers in order whose state is the bytes the layers
+    before hold, solved exactly over the budget cut into _BYTE_UNITS (bytes rounded up, so the
+    prediction only overstates). Layer i may run only from states leaving room for its working set."""
+    unit = max(1.0, budget_bytes / _BYTE_UNITS)
+    size = int(budget_bytes // unit) + 1
+    if size <= 0:
+        return None
     inf = float("inf")
     cost = torch.full((size,), inf, dtype=torch.float64)
     cost[0] = 0.0
-    picks = []
-    for layer, modes in zip(layers, options):
+    options, picks = [], []
+    for layer in layers:
+        room = (budget_bytes - layer.working()) // unit  # the largest state from which the layer fits
+        if room < 0:
+            return None
+        cost[int(room) + 1:] = inf
+        modes = [m for m in allowed if m in layer.kept_bytes]
         new_cost = torch.full((size,), inf, dtype=torch.float64)
         pick = torch.full((size,), -1, dtype=torch.int64)
         for index, mode in enumerate(modes):
@@ -130,32 +136,22 @@ def _knapsack(layers, options, room: int) -> Optional[List[str]]:
             new_cost = torch.where(better, candidate, new_cost)
             pick = torch.where(better, torch.tensor(index), pick)
         cost = new_cost
+        options.append(modes)
         picks.append(pick)
     used = int(torch.argmin(cost))
     if math.isinf(float(cost[used])):
         return None
-    modes = []
+    chosen = []
     for layer, layer_modes, pick in zip(reversed(layers), reversed(options), reversed(picks)):
         mode = layer_modes[int(pick[used])]
-        modes.append(mode)
+        chosen.append(mode)
         used -= math.ceil(layer.kept_bytes[mode] / unit)
-    return modes[::-1]
+    return chosen[::-1]
 
 
 def smallest_peak(layers: List[LayerCost], allowed: Tuple[str, ...]) -> int:
-    """The least predicted peak any plan reaches: for each cap on the transient, each layer takes
-    its smallest mode within the cap."""
-    best = None
-    for cap in sorted({layer.transient_bytes(m) for layer in layers for m in allowed if m in layer.kept_bytes}):
-        kept = 0
-        for layer in layers:
-            fitting = [layer.kept_bytes[m] for m in allowed if m in layer.kept_bytes and layer.transient_bytes(m) <= cap]
-            if not fitting:
-                break
-            kept += min(fitting)
-        else:
-            best = kept + cap if best is None else min(best, kept + cap)
-    return best
+    """The least predicted peak any plan reaches: every layer in its smallest mode."""
+    return _peak(layers, [min((m for m in allowed if m in layer.kept_bytes), key=layer.kept_bytes.get) for layer in layers])
 
 
 def make_plan(shape, layers: List[LayerCost], budget, allowed: Tuple[str, ...]) -> Plan:
@@ -163,10 +159,10 @@ def make_plan(shape, layers: List[LayerCost], budget, allowed: Tuple[str, ...]) 
     modes = choose_modes(layers, budget_bytes, allowed)
     if modes is None:
         smallest = smallest_peak(layers, allowed)
-        total = sum(layer.full_bytes for layer in layers) or 1
+        total = no_checkpoint_peak(layers) or 1
         raise BudgetError(
             f"torchgc: memory_budget={budget!r} ({_mib(budget_bytes)}) is below the smallest activation memory this "
-            f"model reaches on inputs of shape {list(shape[0])}: {_mib(smallest)}, a fraction {smallest / total:.3f} of "
+            f"model reaches on inputs of shape {list(shape[0])}: {_mib(smallest)}, a fraction {math.ceil(1000 * smallest / total) / 1000:.3f} of "
             f"its layers' {_mib(total)} without checkpointing (modes allowed: {', '.join(allowed)}); give a budget "
             f"of at least that"
         )
@@ -262,47 +258,65 @@ def measure_layer(name: str, module: torch.nn.Module, function: Callable, args: 
         sync()
         forward_seconds = time.perf_counter() - start
         del out
-        probe = _SelectiveProbe(sync, excluded)
+        probe = _ForwardProbe(sync, excluded, [t for t in _tensors(args) if t.untyped_storage().data_ptr() in inputs])
         with probe:
             out = function(*args, **kwargs)
         del out
-        probe.outputs.clear()
     full = sum(saved.values())
     input_bytes = sum(inputs.values())
-    kept = {"none": full, "checkpoint": input_bytes,
-            "selective": sum({**inputs, **probe.storages}.values())}
+    kept = {"none": full, "checkpoint": input_bytes, "selective": input_bytes + probe.selected_bytes}
     extra = {"none": 0.0, "checkpoint": forward_seconds, "selective": max(0.0, forward_seconds - probe.seconds)}
     if accelerators:
         kept["offload"] = 0
         extra["offload"] = forward_seconds + _host_round_trip_seconds(args, sync)
-    return LayerCost(name, kept, extra, full)
+    return LayerCost(name, kept, extra, full, working_bytes=max(probe.peak_bytes, full))
 
 
-class _SelectiveProbe(TorchDispatchMode):
-    """Counts the outputs of the ops that the selective policy saves (each storage once) and the
-    time those ops take."""
+class _ForwardProbe(TorchDispatchMode):
+    """Watches one forward of a layer: the bytes of the outputs of the ops that the selective policy
+    saves (each storage once) and the time those ops take; and the most bytes the forward holds at
+    once (its inputs and every storage it made that is still alive, sampled after each op)."""
 
-    def __init__(self, sync, excluded):
+    def __init__(self, sync, excluded, inputs: List[torch.Tensor]):
         super().__init__()
         self.sync, self.excluded = sync, excluded
-        self.storages: Dict[int, int] = {}
-        self.outputs: List[torch.Tensor] = []  # held, so that no freed storage's address is counted twice
+        self.live: Dict[int, tuple] = {}  # data_ptr -> (StorageWeakRef, bytes)
+        self.selected: Dict[int, tuple] = {}
+        self.selected_bytes = 0
         self.seconds = 0.0
+        self._track(inputs, selected=False)
+        self.peak_bytes = sum(size for _, size in self.live.values())
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if selective.policy(None, func, *args, **kwargs) is not CheckpointPolicy.MUST_SAVE:
-            return func(*args, **kwargs)
-        self.sync()
-        start = time.perf_counter()
+        selected = selective.policy(None, func, *args, **kwargs) is CheckpointPolicy.MUST_SAVE
+        if selected:
+            self.sync()
+            start = time.perf_counter()
         out = func(*args, **kwargs)
-        self.sync()
-        self.seconds += time.perf_counter() - start
-        for t in _tensors(out):
-            if t.untyped_storage().data_ptr() not in self.excluded:
-                self.storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-                self.outputs.append(t)
+        if selected:
+            self.sync()
+            self.seconds += time.perf_counter() - start
+        self._track(_tensors(out), selected)
+        self.live = {ptr: entry for ptr, entry in self.live.items() if not entry[0].expired()}
+        self.peak_bytes = max(self.peak_bytes, sum(size for _, size in self.live.values()))
         return out
+
+    def _track(self, tensors, selected: bool) -> None:
+        # By address, with a weak reference: an address seen before whose storage has died holds a
+        # new storage, which counts again.
+        for t in tensors:
+            storage = t.untyped_storage()
+            ptr = storage.data_ptr()
+            if ptr in self.excluded or not storage.nbytes():
+                continue
+            tables = (self.live, self.selected) if selected else (self.live,)
+            for table in tables:
+                entry = table.get(ptr)
+                if entry is None or entry[0].expired():
+                    table[ptr] = (StorageWeakRef(storage), storage.nbytes())
+                    if table is self.selected:
+                        self.selected_bytes += storage.nbytes()
 
 
 def _host_round_trip_seconds(args, sync) -> float:
