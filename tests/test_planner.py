@@ -19,6 +19,7 @@ from patch_helpers import clean_patch  # noqa: F401 (fixture)
 from test_checkpoint import assert_same_step, train_step
 from tiny_models import batch, build
 from torchgc import planner
+from torchgc.bench.measure import LayerActivations
 
 LAYERS = 4
 SEQ = 32
@@ -115,46 +116,6 @@ def test_predicted_bytes_fit_the_budget_and_match_the_bytes_alive_after_forward(
         assert abs((alive - baseline) - (kept - LAYERS * hidden_bytes)) <= 0.05 * plan["no_checkpoint_bytes"], (budget, alive, baseline, kept)
 
 
-class LayerActivationPeak(TorchDispatchMode):
-    """The most bytes held at once, over a whole step, by the layers' activations: the storages
-    created inside a decoder layer's forward (the first one and any recompute in backward) and
-    the layers' inputs. Gradients, parameters and the loss's own tensors are not counted."""
-
-    def __init__(self, layers):
-        super().__init__()
-        self.inside, self.peak, self.live = 0, 0, {}
-        self.handles = [h for layer in layers for h in (layer.register_forward_pre_hook(self._enter), layer.register_forward_hook(self._leave, always_call=True))]
-
-    def _enter(self, module, args):
-        self.inside += 1
-        self._record(args)
-
-    def _leave(self, module, args, output):
-        self.inside -= 1  # also when non-reentrant checkpoint stops a recompute early by raising
-
-    def _record(self, tree):
-        for t in pytree.tree_leaves(tree):
-            if isinstance(t, torch.Tensor) and t.layout == torch.strided and t.is_floating_point():
-                storage = t.untyped_storage()
-                self.live[storage.data_ptr()] = (StorageWeakRef(storage), storage.nbytes())
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        if self.inside:
-            # Only storages the op allocated: a view or an in-place result (a weight's transpose, a
-            # slice of the mask) belongs to a tensor made elsewhere.
-            used = {t.untyped_storage().data_ptr() for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
-            self._record([t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in used])
-        self.live = {ptr: entry for ptr, entry in self.live.items() if not entry[0].expired()}
-        self.peak = max(self.peak, sum(size for _, size in self.live.values()))
-        return out
-
-    def __exit__(self, *exc):
-        for handle in self.handles:
-            handle.remove()
-        return super().__exit__(*exc)
-
-
 @pytest.mark.parametrize("use_reentrant", [False, True], ids=["nonreentrant", "reentrant"])
 def test_the_measured_peak_of_the_step_stays_within_the_budget(use_reentrant):
     model = build("llama", layers=8)
@@ -163,15 +124,15 @@ def test_the_measured_peak_of_the_step_stays_within_the_budget(use_reentrant):
     for budget in (0.25, 0.5, 0.75, 1.0):
         candidate = planned(model, budget, use_reentrant=use_reentrant)
         train_step(candidate, inputs)  # the measuring step
-        with LayerActivationPeak(candidate.model.layers) as tracker:
+        with LayerActivations(candidate.model.layers) as tracker:
             train_step(candidate, inputs)
         (plan,) = plans(candidate)
         total = plan["no_checkpoint_bytes"]
         # The plan's prediction is what was measured, within 5% of the layers' peak without
         # checkpointing, and the budget holds.
-        assert abs(tracker.peak - plan["predicted_bytes"]) <= 0.05 * total, (budget, tracker.peak, plan["predicted_bytes"])
-        assert tracker.peak <= plan["budget_bytes"] + 0.05 * total, (budget, tracker.peak, plan["budget_bytes"])
-        peaks.append(tracker.peak)
+        assert abs(tracker.peak_bytes - plan["predicted_bytes"]) <= 0.05 * total, (budget, tracker.peak_bytes, plan["predicted_bytes"])
+        assert tracker.peak_bytes <= plan["budget_bytes"] + 0.05 * total, (budget, tracker.peak_bytes, plan["budget_bytes"])
+        peaks.append(tracker.peak_bytes)
     assert peaks == sorted(peaks) and peaks[0] < 0.3 * peaks[-1], peaks
 
 

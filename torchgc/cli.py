@@ -120,7 +120,15 @@ def _add_bench(subparsers) -> None:
     parser.set_defaults(handler=lambda args: bench.main(args=args))
 
 
-COMMANDS: List[Callable] = [_add_run, _add_bench]
+def _add_plan(subparsers) -> None:
+    from torchgc.bench import plan
+
+    parser = subparsers.add_parser("plan", help="the per-layer plan of a memory budget, predicted and measured", description=plan.DESCRIPTION)
+    plan.build_parser(parser)
+    parser.set_defaults(handler=lambda args: plan.main(args=args))
+
+
+COMMANDS: List[Callable] = [_add_run, _add_bench, _add_plan]
 
 
 def build_parser() -> argparse.ArgumentParser:

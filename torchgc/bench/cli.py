@@ -15,10 +15,7 @@ DESCRIPTION = "memory and speed of every checkpointing strategy on one model"
 
 def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.ArgumentParser:
     parser = parser or argparse.ArgumentParser(prog="torchgc bench", description=DESCRIPTION)
-    source = parser.add_mutually_exclusive_group()
-    source.add_argument("--model", help="a local Hugging Face checkpoint directory")
-    source.add_argument("--config", help="a transformers config.json (the model is built with random weights)")
-    parser.add_argument("--layers", type=int, default=None, help="override the model's number of layers (with --config or the default)")
+    add_model_arguments(parser)
     parser.add_argument("--seq-lens", default="512,2048", help="comma-separated sequence lengths (default: 512,2048)")
     parser.add_argument("--strategies", default=",".join(STRATEGY_KINDS), help=f"comma-separated subset of {', '.join(STRATEGY_KINDS)}")
     parser.add_argument("--batch-size", type=int, default=1)
@@ -31,6 +28,50 @@ def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.A
     parser.add_argument("--out", default="results", help="folder for bench.json and bench.png (default: results)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--model", help="a local Hugging Face checkpoint directory")
+    source.add_argument("--config", help="a transformers config.json (the model is built with random weights)")
+    parser.add_argument("--layers", type=int, default=None, help="override the model's number of layers (with --config or the default)")
+
+
+def model_source(args: argparse.Namespace):
+    """(model spec for worker.build_model, config dict) from --model, --config, --layers, or
+    (an error message, None)."""
+    if args.model:
+        if not (Path(args.model) / "config.json").is_file():
+            return f"--model: expected a local checkpoint directory with a config.json, got {args.model!r}", None
+        model_spec = {"model_path": str(Path(args.model).resolve())}
+        config_dict = json.loads((Path(args.model) / "config.json").read_text())
+    elif args.config:
+        if not Path(args.config).is_file():
+            return f"--config: no such file {args.config!r}", None
+        config_dict = json.loads(Path(args.config).read_text())
+        model_spec = {"model_config": config_dict}
+    else:
+        config_dict = DEFAULT_MODEL_CONFIG
+        model_spec = {"model_config": dict(DEFAULT_MODEL_CONFIG)}
+    if args.layers is not None:
+        if args.layers < 1:
+            return f"--layers: expected an integer >= 1, got {args.layers}", None
+        if "model_config" not in model_spec:
+            return "--layers: only with --config or the built-in model, not with --model", None
+        model_spec["model_config"]["num_hidden_layers"] = args.layers
+    return model_spec, config_dict
+
+
+def pick_device(asked: Optional[str]) -> str:
+    """The device to run on (default: cuda when available), or an error message starting "--device"."""
+    import torch
+
+    device = asked or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        return "--device: cuda was asked for but no CUDA GPU is available"
+    if device not in ("cpu",) and not device.startswith("cuda"):
+        return f"--device: expected cpu or cuda, got {device!r}"
+    return device
 
 
 def _fail(message: str) -> int:
@@ -56,42 +97,24 @@ def main(argv=None, args=None) -> int:
         return _fail(f"--memory-budgets: expected comma-separated fractions in (0, 1], got {args.memory_budgets!r}")
     if budgets and "torchgc-auto" not in kinds:
         kinds.append("torchgc-auto")
-    checked = [("--batch-size", args.batch_size), ("--steps", args.steps)] + ([("--layers", args.layers)] if args.layers is not None else [])
+    checked = [("--batch-size", args.batch_size), ("--steps", args.steps)]
     for name, value in checked:
         if value < 1:
             return _fail(f"{name}: expected an integer >= 1, got {value}")
     if args.warmup < 0:
         return _fail(f"--warmup: expected an integer >= 0, got {args.warmup}")
 
-    if args.model:
-        if not (Path(args.model) / "config.json").is_file():
-            return _fail(f"--model: expected a local checkpoint directory with a config.json, got {args.model!r}")
-        model_spec = {"model_path": str(Path(args.model).resolve())}
-        config_dict = json.loads((Path(args.model) / "config.json").read_text())
-    elif args.config:
-        if not Path(args.config).is_file():
-            return _fail(f"--config: no such file {args.config!r}")
-        config_dict = json.loads(Path(args.config).read_text())
-        model_spec = {"model_config": config_dict}
-    else:
-        config_dict = DEFAULT_MODEL_CONFIG
-        model_spec = {"model_config": dict(DEFAULT_MODEL_CONFIG)}
-    if args.layers is not None:
-        if "model_config" not in model_spec:
-            return _fail("--layers: only with --config or the built-in model, not with --model")
-        model_spec["model_config"]["num_hidden_layers"] = args.layers
+    model_spec, config_dict = model_source(args)
+    if isinstance(model_spec, str):
+        return _fail(model_spec)
     max_len = config_dict.get("max_position_embeddings") or config_dict.get("n_positions")
     bad = [s for s in seq_lens if s < 1 or (max_len and s > max_len)]
     if bad or not seq_lens:
         return _fail(f"--seq-lens: expected lengths between 1 and the model's maximum {max_len}, got {bad or '(none)'}")
 
-    import torch
-
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        return _fail("--device: cuda was asked for but no CUDA GPU is available")
-    if device not in ("cpu",) and not device.startswith("cuda"):
-        return _fail(f"--device: expected cpu or cuda, got {device!r}")
+    device = pick_device(args.device)
+    if device.startswith("--device"):
+        return _fail(device)
 
     runs = [r for r in default_runs(fused_norm=not args.no_fused_norm, freeze=not args.no_freeze, memory_budgets=budgets) if r.kind in kinds]
 

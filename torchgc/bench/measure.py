@@ -1,10 +1,11 @@
 """Measurements shared by `torchgc bench` and benchmarks/: timing, process memory, and the bytes
 the autograd graph holds for backward. Nothing here imports transformers."""
 
+import functools
 import resource
 import statistics
 import time
-from typing import Callable, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 
@@ -113,3 +114,100 @@ def saved_for_backward_bytes(model, inputs: dict) -> int:
     nbytes = sum(size for ref, size in candidates.values() if not ref.expired())
     loss.backward()
     return nbytes
+
+
+class LayerActivations:
+    """Watches the decoder layers through one or more training steps: the bytes of activations each
+    layer holds when the forward ends, the most activation bytes held at once over the step, and
+    the seconds each layer spends in backward recomputing its forward.
+
+    A layer's activations are the storages allocated by ops inside its forward (the first run and
+    any recompute; views and in-place results belong to the tensor they alias) plus its inputs.
+    Gradients, parameters and tensors made outside the layers are not counted. Each storage counts
+    once and is attributed to the last layer that made it or received it. Call forward_done()
+    when the model's forward has returned, and close() (or leave the with block) at the end.
+    """
+
+    def __init__(self, layers, sync: Optional[Callable[[], None]] = None, count_bytes: bool = True):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        self.sync = sync or (lambda: None)
+        self.peak_bytes = 0
+        self.kept_at_forward_end: List[int] = [0] * len(layers)
+        self.recompute_seconds: List[float] = [0.0] * len(layers)
+        self._live: Dict[int, tuple] = {}  # data_ptr -> (StorageWeakRef, bytes, layer index)
+        self._stack: List[tuple] = []  # (layer index, start time) of the layers running
+        self._backward = False
+        self._handles = []
+        for index, layer in enumerate(layers):
+            self._handles.append(layer.register_forward_pre_hook(functools.partial(self._enter, index)))
+            # always_call: non-reentrant checkpoint stops a recompute early by raising out of it.
+            self._handles.append(layer.register_forward_hook(self._leave, always_call=True))
+        watcher = self
+
+        class _Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                return watcher._dispatch(func, args, kwargs or {})
+
+        self._mode = _Mode() if count_bytes else None
+        if self._mode is not None:
+            self._mode.__enter__()
+
+    def forward_done(self) -> None:
+        self._prune()
+        self.kept_at_forward_end = [0] * len(self.kept_at_forward_end)
+        for _, size, index in self._live.values():
+            self.kept_at_forward_end[index] += size
+        self._backward = True
+
+    def close(self) -> None:
+        if self._mode is not None:
+            self._mode.__exit__(None, None, None)
+            self._mode = None
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def _enter(self, index, module, args):
+        if self._backward:
+            self.sync()
+        self._stack.append((index, time.perf_counter()))
+        self._record([t for t in _tensor_leaves(args) if t.is_floating_point()], index)
+
+    def _leave(self, module, args, output):
+        index, start = self._stack.pop()
+        if self._backward:
+            self.sync()
+            self.recompute_seconds[index] += time.perf_counter() - start
+
+    def _dispatch(self, func, args, kwargs):
+        out = func(*args, **kwargs)
+        if self._stack:
+            used = {t.untyped_storage().data_ptr() for t in _tensor_leaves((args, kwargs))}
+            self._record([t for t in _tensor_leaves(out) if t.untyped_storage().data_ptr() not in used], self._stack[-1][0])
+        self._prune()
+        self.peak_bytes = max(self.peak_bytes, sum(size for _, size, _ in self._live.values()))
+        return out
+
+    def _record(self, tensors, index: int) -> None:
+        from torch.multiprocessing.reductions import StorageWeakRef
+
+        for t in tensors:
+            storage = t.untyped_storage()
+            if storage.nbytes():
+                self._live[storage.data_ptr()] = (StorageWeakRef(storage), storage.nbytes(), index)
+
+    def _prune(self) -> None:
+        self._live = {ptr: entry for ptr, entry in self._live.items() if not entry[0].expired()}
+
+
+def _tensor_leaves(tree) -> List[torch.Tensor]:
+    from torch.utils import _pytree as pytree
+
+    return [t for t in pytree.tree_leaves(tree) if isinstance(t, torch.Tensor) and t.layout == torch.strided]
