@@ -26,7 +26,7 @@ def tiny_config(tmp_path):
 def test_sweep_writes_table_json_and_plot_with_gradient_agreement(tiny_config, tmp_path):
     out = tmp_path / "results"
     cmd = [sys.executable, "-m", "torchgc", "bench", "--config", str(tiny_config), "--seq-lens", "16", "--steps", "1",
-           "--strategies", "none,hf,torchgc-offload,torchgc-selective", "--memory-budgets", "0.9", "--no-fused-norm", "--no-freeze",
+           "--strategies", "none,hf,torchgc-offload,torchgc-selective", "--memory-budgets", "0.9", "--every-n-layers", "2", "--no-fused-norm", "--no-freeze",
            "--out", str(out), "--quiet"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
@@ -34,7 +34,8 @@ def test_sweep_writes_table_json_and_plot_with_gradient_agreement(tiny_config, t
     assert report["environment"]["torch"] and report["environment"]["transformers"]
     names = {(r["name"], r["seq_len"]) for r in report["results"]}
     expected = {"none", "hf-reentrant", "hf-nonreentrant", "torchgc-offload-reentrant", "torchgc-offload-nonreentrant",
-                "torchgc-selective-nonreentrant", "torchgc-auto-nonreentrant+budget-0.9"}
+                "torchgc-selective-nonreentrant", "torchgc-auto-nonreentrant+budget-0.9", "torchgc-checkpoint-reentrant",
+                "torchgc-checkpoint-nonreentrant", "torchgc-checkpoint-nonreentrant+every-2"}
     assert names == {(n, 16) for n in expected}
     # Each configuration ran through the public path: transformers' own enable for "hf", and for
     # torchgc the enable that torchgc.patch() installs on PreTrainedModel, with the run's options.
@@ -62,6 +63,10 @@ def test_sweep_writes_table_json_and_plot_with_gradient_agreement(tiny_config, t
             assert row["host_offloaded_bytes"] > 0, row["name"]
     assert (out / "bench.png").stat().st_size > 1000
     assert "hf-nonreentrant" in proc.stdout and "bitwise equal" in proc.stdout and "saved MiB" in proc.stdout
+    # every_n_layers=2 of these 2 layers checkpoints layer 0 only, and is set against the plans.
+    assert saved["torchgc-checkpoint-nonreentrant"] < saved["torchgc-checkpoint-nonreentrant+every-2"] < saved["none"], saved
+    assert "Fixed patterns against memory-budget plans at no more measured peak memory:" in proc.stdout
+    assert "torchgc-checkpoint-nonreentrant+every-2" in proc.stdout.split("Fixed patterns")[1]
 
 
 SEQ_LEN = 64
@@ -157,6 +162,7 @@ def test_measuring_leaves_the_next_step_unchanged(kind, use_reentrant):
         (["--steps", "0"], "--steps: expected an integer >= 1, got 0"),
         (["--device", "tpu"], "--device: expected cpu or cuda, got 'tpu'"),
         (["--layers", "0"], "--layers: expected an integer >= 1, got 0"),
+        (["--every-n-layers", "2,0"], "--every-n-layers: expected comma-separated integers >= 1, got '2,0'"),
     ],
 )
 def test_bad_input_exits_non_zero_with_a_clear_error(args, message, capsys, tmp_path):

@@ -24,6 +24,8 @@ def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.A
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--no-fused-norm", action="store_true", help="skip the fused-norm variant")
     parser.add_argument("--memory-budgets", default="", help="comma-separated fractions, each a torchgc-auto run planned within it (e.g. 0.25,0.5,0.75)")
+    parser.add_argument("--every-n-layers", default="", help="comma-separated n, each a torchgc-checkpoint run of layers 0, n, 2n, ... only "
+                        "(transformers' every_n_layers pattern), compared with the plans at equal peak memory (e.g. 2,4)")
     parser.add_argument("--no-freeze", action="store_true", help="skip the bottom-quarter-trainable variants")
     parser.add_argument("--out", default="results", help="folder for bench.json and bench.png (default: results)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -97,6 +99,14 @@ def main(argv=None, args=None) -> int:
         return _fail(f"--memory-budgets: expected comma-separated fractions in (0, 1], got {args.memory_budgets!r}")
     if budgets and "torchgc-auto" not in kinds:
         kinds.append("torchgc-auto")
+    try:
+        every = [int(s) for s in args.every_n_layers.split(",") if s.strip()]
+    except ValueError:
+        every = [0]
+    if any(n < 1 for n in every):
+        return _fail(f"--every-n-layers: expected comma-separated integers >= 1, got {args.every_n_layers!r}")
+    if every and "torchgc-checkpoint" not in kinds:
+        kinds.append("torchgc-checkpoint")
     checked = [("--batch-size", args.batch_size), ("--steps", args.steps)]
     for name, value in checked:
         if value < 1:
@@ -116,7 +126,7 @@ def main(argv=None, args=None) -> int:
     if device.startswith("--device"):
         return _fail(device)
 
-    runs = [r for r in default_runs(fused_norm=not args.no_fused_norm, freeze=not args.no_freeze, memory_budgets=budgets) if r.kind in kinds]
+    runs = [r for r in default_runs(fused_norm=not args.no_fused_norm, freeze=not args.no_freeze, memory_budgets=budgets, every_n_layers=every) if r.kind in kinds]
 
     try:
         results = sweep(model_spec, runs, seq_lens, device=device, batch_size=args.batch_size, steps=args.steps, warmup=args.warmup, progress=not args.quiet)

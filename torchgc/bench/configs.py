@@ -28,6 +28,7 @@ class RunConfig:
     fused_norm: bool = False
     trainable_fraction: float = 1.0  # < 1: only the bottom fraction of layers is trained
     memory_budget: Optional[float] = None  # torchgc's per-layer plan within this fraction (kind torchgc-auto)
+    every_n_layers: int = 1  # > 1: only layers 0, n, 2n, ... checkpointed (transformers' pattern)
 
     @property
     def name(self) -> str:
@@ -38,6 +39,8 @@ class RunConfig:
             name += f"+train-bottom-{self.trainable_fraction:g}"
         if self.memory_budget is not None:
             name += f"+budget-{self.memory_budget:g}"
+        if self.every_n_layers > 1:
+            name += f"+every-{self.every_n_layers}"
         return name
 
 
@@ -59,11 +62,12 @@ class RunResult:
     grads_file: str = field(default="", repr=False)
 
 
-def default_runs(fused_norm: bool, freeze: bool, memory_budgets: Sequence[float] = ()) -> List[RunConfig]:
+def default_runs(fused_norm: bool, freeze: bool, memory_budgets: Sequence[float] = (), every_n_layers: Sequence[int] = ()) -> List[RunConfig]:
     runs = [RunConfig("none")]
     for kind in ("hf", "torchgc-checkpoint", "torchgc-offload"):
         for reentrant in (True, False):
             runs.append(RunConfig(kind, reentrant))
+    runs += [RunConfig("torchgc-checkpoint", False, every_n_layers=n) for n in every_n_layers if n > 1]
     runs.append(RunConfig("torchgc-selective", False))  # always non-reentrant
     runs += [RunConfig("torchgc-auto", False, memory_budget=b) for b in memory_budgets]
     if fused_norm:

@@ -37,6 +37,31 @@ def format_table(results: List[RunResult]) -> str:
     return "\n".join(lines)
 
 
+def fixed_patterns_against_plans(results: List[RunResult]) -> str:
+    """For each fixed pattern (every layer checkpointed, by transformers or torchgc, and every
+    n-th layer), the fastest memory-budget plan whose measured peak is no higher, per sequence
+    length: the comparison at equal peak memory."""
+    lines = []
+    for seq_len in sorted({r.seq_len for r in results}):
+        rows = [r for r in results if r.seq_len == seq_len and r.config.trainable_fraction == 1 and not r.config.fused_norm]
+        plans = [r for r in rows if r.config.kind == "torchgc-auto"]
+        patterns = [r for r in rows if not r.config.use_reentrant and (r.config.kind == "hf" or (r.config.kind == "torchgc-checkpoint"))]
+        for pattern in patterns if plans else []:
+            within = [p for p in plans if p.peak_activation_bytes <= pattern.peak_activation_bytes]
+            line = f"seq {seq_len:6d}  {pattern.config.name:50} peak {pattern.peak_activation_bytes / 2**20:8.1f} MiB, step {pattern.step_seconds:7.3f} s"
+            if within:
+                best = min(within, key=lambda p: p.step_seconds)
+                line += (f" | fastest plan within that peak: budget {best.config.memory_budget:g}, peak "
+                         f"{best.peak_activation_bytes / 2**20:8.1f} MiB, step {best.step_seconds:7.3f} s = "
+                         f"{best.step_seconds / pattern.step_seconds:5.3f}x")
+            else:
+                line += " | no plan measured within that peak"
+            lines.append(line)
+    if not lines:
+        return ""
+    return "Fixed patterns against memory-budget plans at no more measured peak memory:\n" + "\n".join(lines)
+
+
 def plot(results: List[RunResult], path: Path) -> Optional[Path]:
     try:
         import matplotlib
@@ -92,6 +117,9 @@ def write(results: List[RunResult], out: Path, *, device: str, settings: dict) -
     returns the line that says what was written."""
     out.mkdir(parents=True, exist_ok=True)
     table = format_table(results)
+    comparison = fixed_patterns_against_plans(results)
+    if comparison:
+        table += "\n\n" + comparison
     print(table)
     report = {
         "environment": environment(device),

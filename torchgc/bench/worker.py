@@ -50,7 +50,7 @@ def apply_config(model, config: RunConfig) -> list:
     elif config.kind.startswith("torchgc-"):
         # Every input is offloaded however small, so the tiny models of the tests offload too.
         torchgc.patch(strategy=config.kind.split("-", 1)[1], use_reentrant=config.use_reentrant, min_offload_bytes=0,
-                      fused_norm=config.fused_norm, memory_budget=config.memory_budget)
+                      fused_norm=config.fused_norm, memory_budget=config.memory_budget, every_n_layers=config.every_n_layers)
         model.gradient_checkpointing_enable()
     return [p for p in model.parameters() if p.requires_grad] or list(model.parameters())
 
