@@ -52,7 +52,8 @@ def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None, **kw
 
     gradient_checkpointing_kwargs may hold torchgc's options (strategy, use_reentrant,
     only_trainable, prefetch, min_offload_bytes, max_host_bytes, upcast_layernorm, fused_norm,
-    upcast_lmhead_output) and torch.utils.checkpoint's (preserve_rng_state, context_fn, ...).
+    upcast_lmhead_output, memory_budget, every_n_layers) and torch.utils.checkpoint's
+    (preserve_rng_state, context_fn, ...).
     None or {} keeps the configuration of the previous enable, or torchgc.patch()'s.
     """
     hf.enable(self, gradient_checkpointing_kwargs, method=hf.ENABLE, options=current_options(), **kwargs)

@@ -110,6 +110,9 @@ def choose_modes(layers: List[LayerCost], budget_bytes: int, allowed: Tuple[str,
     None when none fits: a knapsack over the layers in order whose state is the bytes the layers
     before hold, solved exactly over the budget cut into _BYTE_UNITS (bytes rounded up, so the
     prediction only overstates). Layer i may run only from states leaving room for its working set."""
+    fastest = [min((m for m in allowed if m in layer.kept_bytes), key=layer.extra_seconds.get) for layer in layers]
+    if _peak(layers, fastest) <= budget_bytes:
+        return fastest  # without rounding: budget 1.0 is no checkpointing
     unit = max(1.0, budget_bytes / _BYTE_UNITS)
     size = int(budget_bytes // unit) + 1
     if size <= 0:

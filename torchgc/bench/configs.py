@@ -56,6 +56,7 @@ class RunResult:
     saved_for_backward_bytes: int
     enabled_with: Optional[str] = None  # the gradient_checkpointing_enable the model resolved
     checkpointed_with: Optional[str] = None  # the function its layers checkpoint with, and its options
+    plan_modes: Optional[List[str]] = None  # under a memory budget, each layer's mode in the plan
     grad_max_abs_diff: Optional[float] = None
     grads_bitwise_equal: Optional[bool] = None
     loss: float = 0.0

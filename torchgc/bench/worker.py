@@ -134,5 +134,6 @@ def run(spec: dict) -> dict:
         "saved_for_backward_bytes": saved_bytes,
         "loss": observed["first_loss"],
         "grads_file": spec["grads_file"],
+        "plan_modes": [layer["mode"] for layer in plans[-1]["layers"]] if (plans := torchgc.explain(model).get("plans")) else None,
         **describe_checkpointing(model),
     }
