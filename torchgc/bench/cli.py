@@ -76,8 +76,9 @@ def pick_device(asked: Optional[str]) -> str:
     return device
 
 
-def _fail(message: str) -> int:
-    print(f"torchgc bench: error: {message}", file=sys.stderr)
+def fail(message: str, command: str = "bench") -> int:
+    """Prints `torchgc COMMAND: error: MESSAGE` and returns the exit status of bad input."""
+    print(f"torchgc {command}: error: {message}", file=sys.stderr)
     return 2
 
 
@@ -86,17 +87,17 @@ def main(argv=None, args=None) -> int:
     kinds = [s.strip() for s in args.strategies.split(",") if s.strip()]
     unknown = [k for k in kinds if k not in STRATEGY_KINDS]
     if unknown or not kinds:
-        return _fail(f"--strategies: unknown {', '.join(unknown) or '(none given)'}; expected a subset of {', '.join(STRATEGY_KINDS)}")
+        return fail(f"--strategies: unknown {', '.join(unknown) or '(none given)'}; expected a subset of {', '.join(STRATEGY_KINDS)}")
     try:
         seq_lens = [int(s) for s in args.seq_lens.split(",") if s.strip()]
     except ValueError:
-        return _fail(f"--seq-lens: expected comma-separated integers, got {args.seq_lens!r}")
+        return fail(f"--seq-lens: expected comma-separated integers, got {args.seq_lens!r}")
     try:
         budgets = [float(s) for s in args.memory_budgets.split(",") if s.strip()]
     except ValueError:
         budgets = [-1.0]
     if any(not 0 < b <= 1 for b in budgets):
-        return _fail(f"--memory-budgets: expected comma-separated fractions in (0, 1], got {args.memory_budgets!r}")
+        return fail(f"--memory-budgets: expected comma-separated fractions in (0, 1], got {args.memory_budgets!r}")
     if budgets and "torchgc-auto" not in kinds:
         kinds.append("torchgc-auto")
     try:
@@ -104,34 +105,34 @@ def main(argv=None, args=None) -> int:
     except ValueError:
         every = [0]
     if any(n < 1 for n in every):
-        return _fail(f"--every-n-layers: expected comma-separated integers >= 1, got {args.every_n_layers!r}")
+        return fail(f"--every-n-layers: expected comma-separated integers >= 1, got {args.every_n_layers!r}")
     if every and "torchgc-checkpoint" not in kinds:
         kinds.append("torchgc-checkpoint")
     checked = [("--batch-size", args.batch_size), ("--steps", args.steps)]
     for name, value in checked:
         if value < 1:
-            return _fail(f"{name}: expected an integer >= 1, got {value}")
+            return fail(f"{name}: expected an integer >= 1, got {value}")
     if args.warmup < 0:
-        return _fail(f"--warmup: expected an integer >= 0, got {args.warmup}")
+        return fail(f"--warmup: expected an integer >= 0, got {args.warmup}")
 
     model_spec, config_dict = model_source(args)
     if isinstance(model_spec, str):
-        return _fail(model_spec)
+        return fail(model_spec)
     max_len = config_dict.get("max_position_embeddings") or config_dict.get("n_positions")
     bad = [s for s in seq_lens if s < 1 or (max_len and s > max_len)]
     if bad or not seq_lens:
-        return _fail(f"--seq-lens: expected lengths between 1 and the model's maximum {max_len}, got {bad or '(none)'}")
+        return fail(f"--seq-lens: expected lengths between 1 and the model's maximum {max_len}, got {bad or '(none)'}")
 
     device = pick_device(args.device)
     if device.startswith("--device"):
-        return _fail(device)
+        return fail(device)
 
     runs = [r for r in default_runs(fused_norm=not args.no_fused_norm, freeze=not args.no_freeze, memory_budgets=budgets, every_n_layers=every) if r.kind in kinds]
 
     try:
         results = sweep(model_spec, runs, seq_lens, device=device, batch_size=args.batch_size, steps=args.steps, warmup=args.warmup, progress=not args.quiet)
     except RuntimeError as exc:
-        return _fail(str(exc).removeprefix("torchgc bench: "))
+        return fail(str(exc).removeprefix("torchgc bench: "))
     settings = {"seq_lens": seq_lens, "batch_size": args.batch_size, "steps": args.steps, "warmup": args.warmup, "model": model_spec}
     written = report.write(results, Path(args.out), device=device, settings=settings)
     print(f"\n{written}")

@@ -12,13 +12,12 @@ the seconds each layer spends recomputing in backward).
 import argparse
 import json
 import statistics
-import sys
 from pathlib import Path
 from typing import Optional
 
 from torchgc import config
 from torchgc.bench import measure
-from torchgc.bench.cli import add_model_arguments, model_source, pick_device
+from torchgc.bench.cli import add_model_arguments, fail, model_source, pick_device
 
 DESCRIPTION = ("the per-layer checkpointing plan a memory budget gives a model at one batch shape, with the "
                "bytes and times the planner predicted and those a step under the plan measured")
@@ -41,25 +40,20 @@ def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.A
     return parser
 
 
-def _fail(message: str) -> int:
-    print(f"torchgc plan: error: {message}", file=sys.stderr)
-    return 2
-
-
 def main(argv=None, args=None) -> int:
     args = args or build_parser().parse_args(argv)
     model_spec, config_dict = model_source(args)
     if isinstance(model_spec, str):
-        return _fail(model_spec)
+        return fail(model_spec, "plan")
     for name, value in (("--seq-len", args.seq_len), ("--batch-size", args.batch_size), ("--steps", args.steps)):
         if value < 1:
-            return _fail(f"{name}: expected an integer >= 1, got {value}")
+            return fail(f"{name}: expected an integer >= 1, got {value}", "plan")
     max_len = config_dict.get("max_position_embeddings") or config_dict.get("n_positions")
     if max_len and args.seq_len > max_len:
-        return _fail(f"--seq-len: expected at most the model's maximum {max_len}, got {args.seq_len}")
+        return fail(f"--seq-len: expected at most the model's maximum {max_len}, got {args.seq_len}", "plan")
     device = pick_device(args.device)
     if device.startswith("--device"):
-        return _fail(device)
+        return fail(device, "plan")
 
     import torch
 
@@ -70,11 +64,11 @@ def main(argv=None, args=None) -> int:
     try:
         torchgc.patch(strategy=args.strategy, use_reentrant=args.use_reentrant, memory_budget=args.memory_budget)
     except ValueError as exc:
-        return _fail(str(exc))
+        return fail(str(exc), "plan")
     try:
         model, measured = _run(model_spec, device, args)
     except BudgetError as exc:
-        return _fail(str(exc))
+        return fail(str(exc), "plan")
     finally:
         torchgc.unpatch()
     plan = torchgc.explain(model)["plans"][-1]  # the only shape run
