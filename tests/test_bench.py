@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -163,6 +164,7 @@ def test_measuring_leaves_the_next_step_unchanged(kind, use_reentrant):
         (["--device", "tpu"], "--device: expected cpu or cuda, got 'tpu'"),
         (["--layers", "0"], "--layers: expected an integer >= 1, got 0"),
         (["--every-n-layers", "2,0"], "--every-n-layers: expected comma-separated integers >= 1, got '2,0'"),
+        (["--rounds", "0"], "--rounds: expected an integer >= 1, got 0"),
     ],
 )
 def test_bad_input_exits_non_zero_with_a_clear_error(args, message, capsys, tmp_path):
@@ -184,3 +186,27 @@ def test_workers_are_fresh_processes_with_their_own_peak_memory():
     first, second = sweep.sweep(spec, [configs.RunConfig("none")] * 2, [64], device="cpu", batch_size=1, steps=1, warmup=0, progress=False)
     assert first.peak_activation_bytes > 0
     assert abs(first.peak_activation_bytes - second.peak_activation_bytes) <= 0.25 * first.peak_activation_bytes
+
+
+def test_rounds_run_every_configuration_again_in_alternating_order_and_pool_their_steps(monkeypatch):
+    # The worker process is replaced by one that records the order and returns made-up figures:
+    # what is checked here is the sweep's bookkeeping, not a measurement.
+    calls = []
+
+    def fake_run(spec, context):
+        calls.append(spec["config"]["kind"])
+        round_index = int(Path(spec["grads_file"]).stem.rsplit("-", 1)[1])
+        step = {"none": 1.0, "hf": 2.0}[spec["config"]["kind"]] + round_index
+        return {"step_seconds": step, "step_seconds_all": [step, step], "peak_activation_bytes": 100 * (round_index + 1),
+                "peak_reserved_bytes": None, "host_offloaded_bytes": 0, "saved_for_backward_bytes": 1, "grads_file": spec["grads_file"]}
+
+    monkeypatch.setattr(sweep, "_run_in_subprocess", fake_run)
+    monkeypatch.setattr(sweep, "_compare_grads", lambda reference, got: (0.0, True))
+    results = sweep.sweep({"model_config": TINY}, [configs.RunConfig("none"), configs.RunConfig("hf")], [16],
+                          device="cpu", batch_size=1, steps=2, warmup=0, rounds=3, progress=False)
+    assert calls == ["none", "hf", "hf", "none", "none", "hf"]
+    none, hf = results
+    assert none.step_seconds_all == [1.0, 1.0, 2.0, 2.0, 3.0, 3.0] and none.step_seconds == 2.0
+    assert hf.step_seconds_all == [2.0, 2.0, 3.0, 3.0, 4.0, 4.0] and hf.step_seconds == 3.0
+    assert none.peak_activation_bytes == hf.peak_activation_bytes == 300  # the highest round's
+    assert none.grads_bitwise_equal is None and hf.grads_bitwise_equal is True

@@ -21,6 +21,8 @@ def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.A
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--steps", type=int, default=5, help="timed steps per configuration (the median is reported)")
     parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=1, help="run every configuration this many times, in alternating order, so that "
+                        "the machine's drift during the sweep weighs on all alike (default: 1)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--no-fused-norm", action="store_true", help="skip the fused-norm variant")
     parser.add_argument("--memory-budgets", default="", help="comma-separated fractions, each a torchgc-auto run planned within it (e.g. 0.25,0.5,0.75)")
@@ -108,7 +110,7 @@ def main(argv=None, args=None) -> int:
         return fail(f"--every-n-layers: expected comma-separated integers >= 1, got {args.every_n_layers!r}")
     if every and "torchgc-checkpoint" not in kinds:
         kinds.append("torchgc-checkpoint")
-    checked = [("--batch-size", args.batch_size), ("--steps", args.steps)]
+    checked = [("--batch-size", args.batch_size), ("--steps", args.steps), ("--rounds", args.rounds)]
     for name, value in checked:
         if value < 1:
             return fail(f"{name}: expected an integer >= 1, got {value}")
@@ -130,10 +132,11 @@ def main(argv=None, args=None) -> int:
     runs = [r for r in default_runs(fused_norm=not args.no_fused_norm, freeze=not args.no_freeze, memory_budgets=budgets, every_n_layers=every) if r.kind in kinds]
 
     try:
-        results = sweep(model_spec, runs, seq_lens, device=device, batch_size=args.batch_size, steps=args.steps, warmup=args.warmup, progress=not args.quiet)
+        results = sweep(model_spec, runs, seq_lens, device=device, batch_size=args.batch_size, steps=args.steps, warmup=args.warmup,
+                        rounds=args.rounds, progress=not args.quiet)
     except RuntimeError as exc:
         return fail(str(exc).removeprefix("torchgc bench: "))
-    settings = {"seq_lens": seq_lens, "batch_size": args.batch_size, "steps": args.steps, "warmup": args.warmup, "model": model_spec}
+    settings = {"seq_lens": seq_lens, "batch_size": args.batch_size, "steps": args.steps, "warmup": args.warmup, "rounds": args.rounds, "model": model_spec}
     written = report.write(results, Path(args.out), device=device, settings=settings)
     print(f"\n{written}")
     return 0

@@ -57,6 +57,7 @@ class RunResult:
     enabled_with: Optional[str] = None  # the gradient_checkpointing_enable the model resolved
     checkpointed_with: Optional[str] = None  # the function its layers checkpoint with, and its options
     plan_modes: Optional[List[str]] = None  # under a memory budget, each layer's mode in the plan
+    other_plan_modes: List[List[str]] = field(default_factory=list)  # plans of later rounds that differ from it
     grad_max_abs_diff: Optional[float] = None
     grads_bitwise_equal: Optional[bool] = None
     loss: float = 0.0

@@ -3,6 +3,7 @@ and compares each one's gradients with the run without checkpointing."""
 
 import ctypes
 import ctypes.util
+import statistics
 import sys
 import tempfile
 import traceback
@@ -73,27 +74,48 @@ def _compare_grads(reference_file: str, grads_file: str):
     return diff, all(torch.equal(ref[n], got[n]) for n in shared)
 
 
-def sweep(model_spec: dict, runs: List[RunConfig], seq_lens: List[int], *, device: str, batch_size: int, steps: int, warmup: int, progress=True) -> List[RunResult]:
-    results = []
+def sweep(model_spec: dict, runs: List[RunConfig], seq_lens: List[int], *, device: str, batch_size: int, steps: int, warmup: int,
+          rounds: int = 1, progress=True) -> List[RunResult]:
+    """Every run at every sequence length, `rounds` times over, each time in a fresh process.
+    Rounds alternate the order (forward, then backward, ...) so that a machine slowing down (or
+    speeding up) during the sweep weighs on every configuration alike: each result's step time is
+    the median over all its rounds' steps, its peak the highest of its rounds'."""
     jobs = [(seq_len, run) for seq_len in seq_lens for run in runs]
-    bar = _progress(len(jobs), progress)
+    bar = _progress(len(jobs) * rounds, progress)
     context = _worker_context()
+    merged = {}
     with tempfile.TemporaryDirectory(prefix="torchgc-bench-") as tmp:
-        reference = {}
-        for seq_len, run in jobs:
-            bar.set_description(f"{run.name} @ {seq_len}")
-            spec = dict(model_spec, config=asdict(run), seq_len=seq_len, device=device, batch_size=batch_size, steps=steps, warmup=warmup,
-                        grads_file=str(Path(tmp) / f"{run.name}-{seq_len}.pt"))
-            out = _run_in_subprocess(spec, context)
-            result = RunResult(config=run, seq_len=seq_len, **out)
-            if run.kind == "none":
-                reference[seq_len] = result.grads_file
-            elif seq_len in reference:
-                result.grad_max_abs_diff, result.grads_bitwise_equal = _compare_grads(reference[seq_len], result.grads_file)
-            results.append(result)
-            bar.update(1)
+        for round_index in range(rounds):
+            order = range(len(jobs)) if round_index % 2 == 0 else reversed(range(len(jobs)))
+            for index in order:
+                seq_len, run = jobs[index]
+                bar.set_description(f"{run.name} @ {seq_len}" + (f" (round {round_index + 1}/{rounds})" if rounds > 1 else ""))
+                spec = dict(model_spec, config=asdict(run), seq_len=seq_len, device=device, batch_size=batch_size, steps=steps, warmup=warmup,
+                            grads_file=str(Path(tmp) / f"{run.name}-{seq_len}-{round_index}.pt"))
+                result = RunResult(config=run, seq_len=seq_len, **_run_in_subprocess(spec, context))
+                if round_index == 0:
+                    merged[index] = result
+                else:
+                    _add_round(merged[index], result)
+                bar.update(1)
+            if round_index == 0:  # the gradients of each run's first step, against no checkpointing's
+                reference = {r.seq_len: r.grads_file for r in merged.values() if r.config.kind == "none"}
+                for result in merged.values():
+                    if result.config.kind != "none" and result.seq_len in reference:
+                        result.grad_max_abs_diff, result.grads_bitwise_equal = _compare_grads(reference[result.seq_len], result.grads_file)
         bar.close()
-    return results
+    return [merged[index] for index in range(len(jobs))]
+
+
+def _add_round(result: RunResult, again: RunResult) -> None:
+    result.step_seconds_all = result.step_seconds_all + again.step_seconds_all
+    result.step_seconds = statistics.median(result.step_seconds_all)
+    result.peak_activation_bytes = max(result.peak_activation_bytes, again.peak_activation_bytes)
+    if again.peak_reserved_bytes is not None:
+        result.peak_reserved_bytes = max(result.peak_reserved_bytes or 0, again.peak_reserved_bytes)
+    result.host_offloaded_bytes = max(result.host_offloaded_bytes, again.host_offloaded_bytes)
+    if again.plan_modes != result.plan_modes:  # the plan comes from each process's own measuring step
+        result.other_plan_modes.append(again.plan_modes)
 
 
 def _progress(total: int, enabled: bool):
