@@ -85,14 +85,15 @@ def _common_args(output_dir, gradient_checkpointing, gc_kwargs):
     )
 
 
-def trainer_step(model, output_dir, *, gradient_checkpointing, gc_kwargs=None, rows=None):
-    """One optimizer step (two micro-batches) of HF Trainer; returns {name: grad}."""
+def trainer_step(model, output_dir, *, gradient_checkpointing, gc_kwargs=None, rows=None, **training_arguments):
+    """One optimizer step (two micro-batches) of HF Trainer; returns {name: grad}. Extra keyword
+    arguments go to TrainingArguments."""
     from tiny_models import token_rows
 
     rows = rows or token_rows()
     data = [{"input_ids": torch.tensor(r), "labels": torch.tensor(r)} for r in rows]
     snapshot = _GradientSnapshot(model)
-    args = transformers.TrainingArguments(**_common_args(output_dir, gradient_checkpointing, gc_kwargs))
+    args = transformers.TrainingArguments(**_common_args(output_dir, gradient_checkpointing, gc_kwargs), **training_arguments)
     trainer = transformers.Trainer(model=model, args=args, train_dataset=data, callbacks=[snapshot])
     trainer.train()
     assert snapshot.grads is not None, "the optimizer step was never reached"

@@ -18,6 +18,7 @@ time. Gradients never differ from no checkpointing: every mode recomputes exactl
 import dataclasses
 import math
 import time
+import warnings
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
@@ -189,6 +190,9 @@ class Planner:
         self._modes: Dict[Tuple, Dict[int, str]] = {}
 
     def __call__(self, function: Callable, *args, **kwargs):
+        if torch.compiler.is_compiling():
+            _warn_no_plan_when_compiled(self.strategy)
+            return strategies.checkpoint(function, *args, **kwargs)
         module = strategies.owning_module(function)
         shape = _shape_key(args)
         if module is None or shape is None or not torch.is_grad_enabled():
@@ -232,6 +236,25 @@ class Planner:
         else:
             cost = measure_layer(name, module, function, args, layer_kwargs)
         self.costs.setdefault(shape, {})[id(module)] = cost
+
+
+_warned_compiled = False
+
+
+# Under torch.compile this runs at trace time (no graph break).
+@torch.compiler.assume_constant_result
+def _warn_no_plan_when_compiled(strategy: str) -> bool:
+    global _warned_compiled
+    if _warned_compiled:
+        return True
+    _warned_compiled = True
+    warnings.warn(
+        f"torchgc: memory_budget plans come from measuring layers in eager mode, which a torch.compile region cannot do; "
+        f"the compiled layers are checkpointed whole with strategy {strategy!r} instead, which fits any budget a plan "
+        "can meet but recomputes every layer. For a plan, train without torch.compile; to compile, leave memory_budget out",
+        stacklevel=2,
+    )
+    return True
 
 
 def measure_layer(name: str, module: torch.nn.Module, function: Callable, args: tuple, kwargs: dict) -> LayerCost:

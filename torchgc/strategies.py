@@ -15,7 +15,7 @@ import torch
 import torch.utils.checkpoint
 from torch.utils import _pytree as pytree
 
-from torchgc import counters, selective
+from torchgc import compiled, counters, selective
 from torchgc.config import DEFAULT_MIN_OFFLOAD_BYTES, STRATEGIES
 from torchgc.offload import OffloadPolicy, offload_hooks
 
@@ -60,15 +60,29 @@ def checkpoint(
     """
     flags = {"use_reentrant": use_reentrant, "preserve_rng_state": preserve_rng_state, "only_trainable": only_trainable, "prefetch": prefetch}
     _check_arguments(strategy, flags, min_offload_bytes, max_host_bytes)
-    module = owning_module(function)
     if not torch.is_grad_enabled():
         return function(*args, **kwargs)
+    if torch.compiler.is_compiling():
+        offload = None
+        if strategy != "selective" and _should_offload(strategy, args, min_offload_bytes):
+            offload = _offload_policy_arguments(strategy, min_offload_bytes, prefetch, max_host_bytes)
+        return compiled.checkpoint(function, args, kwargs, selective_policy=strategy == "selective", offload_policy=offload,
+                                   preserve_rng_state=preserve_rng_state, sac_hooks=_SAC_HOOKS)
+    module = owning_module(function)
     frozen = module is not None and _is_frozen(module)
     inputs_need_grad = _any_tensor_requires_grad(args, kwargs, partial_keywords(function))
     if only_trainable and frozen and not inputs_need_grad:  # no_gradient_reaches, each part computed once
         counters.record_checkpoint(module, "frozen")
         return function(*args, **kwargs)
 
+    if strategy == "selective" and getattr(module, "_compiled_call_impl", None) is not None:
+        # Compiled code writes into buffers it reuses (out= kernels), which the selective policy
+        # would have cached for backward: torch raises "Tensor cached during selective activation
+        # checkpoint has been mutated".
+        warnings.warn(f"torchgc.checkpoint: strategy 'selective' cannot apply its policy inside {type(module).__name__}, "
+                      "compiled with .compile(); checkpointing the layer whole instead. For selective, compile the layer "
+                      "as layers[i] = torch.compile(layer), where the compiler applies the policy", stacklevel=2)
+        strategy = "checkpoint"
     if strategy == "selective":
         if "context_fn" in kwargs:
             raise ValueError("torchgc.checkpoint: argument 'context_fn' cannot be combined with strategy 'selective', "
@@ -99,13 +113,7 @@ def checkpoint(
     hooks = contextlib.nullcontext()
     if _should_offload(strategy, args, min_offload_bytes):
         keep = _parameter_pointers(module) | {t.data_ptr() for t in lifted}
-        policy = OffloadPolicy(
-            min_bytes=DEFAULT_MIN_OFFLOAD_BYTES if min_offload_bytes is None else min_offload_bytes,
-            devices=None if strategy == "offload" else _ACCELERATORS,
-            keep=frozenset(keep),
-            prefetch=prefetch,
-            max_host_bytes=max_host_bytes,
-        )
+        policy = OffloadPolicy(keep=frozenset(keep), **_offload_policy_arguments(strategy, min_offload_bytes, prefetch, max_host_bytes))
         hooks = offload_hooks(policy)
     counters.record_checkpoint(module, "checkpoint" if isinstance(hooks, contextlib.nullcontext) else "offload")
     with hooks:
@@ -236,6 +244,15 @@ def _should_offload(strategy: str, args, min_offload_bytes: Optional[int]) -> bo
         isinstance(a, torch.Tensor) and a.device.type in _ACCELERATORS and a.numel() * a.element_size() >= threshold
         for a in args
     )
+
+
+def _offload_policy_arguments(strategy: str, min_offload_bytes: Optional[int], prefetch: bool, max_host_bytes: Optional[int]) -> dict:
+    return {
+        "min_bytes": DEFAULT_MIN_OFFLOAD_BYTES if min_offload_bytes is None else min_offload_bytes,
+        "devices": None if strategy == "offload" else _ACCELERATORS,
+        "prefetch": prefetch,
+        "max_host_bytes": max_host_bytes,
+    }
 
 
 def _lift_tensor_kwargs(function: Callable, args: tuple, kwargs: dict):

@@ -1,0 +1,68 @@
+"""torchgc's checkpoint while torch.compile traces it (a compiled layer, or a compiled model).
+
+Dynamo turns torch's non-reentrant checkpoint into one higher-order op (tag_activation_checkpoint)
+whose body it traces whole, and the compiler recomputes that body in backward. So inside a
+compiled region every strategy becomes that op: the layer body is compiled, not run eager. The
+reentrant form has no compiled counterpart; gradients are the same either way.
+
+Saved-tensor hooks are not traced (pytorch #148222), but a compiled graph saves its tensors at
+run time through whatever hooks are active then. So for offload, two calls that dynamo runs eagerly
+(one graph break each) push torchgc's hooks before the layer's graph and pop them after it: the
+inputs the graph keeps for its recompute go to the host as in eager. An exception between the two
+leaves the hooks pushed; the next region removes them before it pushes its own.
+"""
+
+import threading
+from typing import Callable, Optional
+
+import torch
+import torch.utils.checkpoint
+
+from torchgc import selective
+from torchgc.offload import OffloadPolicy, offload_hooks
+
+
+def checkpoint(function: Callable, args: tuple, kwargs: dict, *, selective_policy: bool, offload_policy: Optional[dict],
+               preserve_rng_state: bool, sac_hooks: dict):
+    """One checkpointed layer call inside a compiled region; offload_policy: OffloadPolicy's
+    arguments, or None not to offload."""
+    if selective_policy:
+        return torch.utils.checkpoint.checkpoint(function, *args, use_reentrant=False, preserve_rng_state=preserve_rng_state,
+                                                 context_fn=selective.context_fn, **sac_hooks, **kwargs)
+    if offload_policy is None:
+        return torch.utils.checkpoint.checkpoint(function, *args, use_reentrant=False, preserve_rng_state=preserve_rng_state, **kwargs)
+    _begin_offload(**offload_policy)
+    out = torch.utils.checkpoint.checkpoint(function, *args, use_reentrant=False, preserve_rng_state=preserve_rng_state, **kwargs)
+    _end_offload()
+    return out
+
+
+class _OpenRegions(threading.local):
+    def __init__(self):
+        self.hooks = []  # offload_hooks pushed by _begin_offload and not yet popped
+
+
+_open = _OpenRegions()
+
+
+@torch._dynamo.disable(reason="torchgc offload pushes its saved-tensor hooks eagerly, around the compiled layer")
+def _begin_offload(**policy) -> None:
+    _close_abandoned_regions()
+    hooks = offload_hooks(OffloadPolicy(**policy))
+    hooks.__enter__()
+    _open.hooks.append(hooks)
+
+
+@torch._dynamo.disable(reason="torchgc offload pops its saved-tensor hooks eagerly, after the compiled layer")
+def _end_offload() -> None:
+    _open.hooks.pop().__exit__(None, None, None)
+
+
+def _close_abandoned_regions() -> None:
+    """Regions do not nest, so one still open here was left by an exception raised inside it. Its
+    hooks are the innermost (every `with` inside it has unwound): pop them, without offloading."""
+    while _open.hooks:
+        hooks = _open.hooks.pop()
+        top = torch._C._autograd._top_saved_tensors_default_hooks(True)
+        if top is not None and top[0] == hooks.pack:
+            hooks.__exit__(RuntimeError, RuntimeError("abandoned"), None)
