@@ -165,6 +165,7 @@ def test_measuring_leaves_the_next_step_unchanged(kind, use_reentrant):
         (["--layers", "0"], "--layers: expected an integer >= 1, got 0"),
         (["--every-n-layers", "2,0"], "--every-n-layers: expected comma-separated integers >= 1, got '2,0'"),
         (["--rounds", "0"], "--rounds: expected an integer >= 1, got 0"),
+        (["--compile", "regional,jit"], "--compile: expected a comma-separated subset of none, regional, model, got 'regional,jit'"),
     ],
 )
 def test_bad_input_exits_non_zero_with_a_clear_error(args, message, capsys, tmp_path):
@@ -210,3 +211,19 @@ def test_rounds_run_every_configuration_again_in_alternating_order_and_pool_thei
     assert hf.step_seconds_all == [2.0, 2.0, 3.0, 3.0, 4.0, 4.0] and hf.step_seconds == 3.0
     assert none.peak_activation_bytes == hf.peak_activation_bytes == 300  # the highest round's
     assert none.grads_bitwise_equal is None and hf.grads_bitwise_equal is True
+
+
+def test_compiled_runs_report_compile_time_apart_and_offload_still_offloads(tiny_config, tmp_path):
+    out = tmp_path / "results"
+    cmd = [sys.executable, "-m", "torchgc", "bench", "--config", str(tiny_config), "--seq-lens", "16", "--steps", "1",
+           "--strategies", "none,torchgc-offload", "--compile", "regional", "--no-fused-norm", "--no-freeze", "--out", str(out), "--quiet"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr
+    rows = {r["name"]: r for r in json.loads((out / "bench.json").read_text())["results"]}
+    eager, compiled = rows["torchgc-offload-nonreentrant"], rows["torchgc-offload-nonreentrant+compile-regional"]
+    assert set(rows) == {"none", "none+compile-regional", "torchgc-offload-reentrant", "torchgc-offload-nonreentrant",
+                         "torchgc-offload-nonreentrant+compile-regional"}
+    assert compiled["compile_seconds"] > 0 and eager["compile_seconds"] is None
+    assert compiled["host_offloaded_bytes"] == eager["host_offloaded_bytes"] > 0
+    assert compiled["grad_max_abs_diff"] < 1e-4
+    assert "compile s" in (out / "bench.txt").read_text()

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Optional
 
 from torchgc.bench import report
-from torchgc.bench.configs import DEFAULT_MODEL_CONFIG, STRATEGY_KINDS, default_runs
+from torchgc.bench.configs import COMPILE_MODES, DEFAULT_MODEL_CONFIG, STRATEGY_KINDS, default_runs
 from torchgc.bench.sweep import sweep
 
 DESCRIPTION = "memory and speed of every checkpointing strategy on one model"
@@ -28,6 +28,9 @@ def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.A
     parser.add_argument("--memory-budgets", default="", help="comma-separated fractions, each a torchgc-auto run planned within it (e.g. 0.25,0.5,0.75)")
     parser.add_argument("--every-n-layers", default="", help="comma-separated n, each a torchgc-checkpoint run of layers 0, n, 2n, ... only "
                         "(transformers' every_n_layers pattern), compared with the plans at equal peak memory (e.g. 2,4)")
+    parser.add_argument("--compile", default="none", help="comma-separated subset of none, regional (each decoder layer torch.compile'd "
+                        "and assigned back) and model (torch.compile(model)): compiled runs of no checkpointing, hf and torchgc's "
+                        "checkpoint, offload and selective, with the compile time apart from the step time")
     parser.add_argument("--no-freeze", action="store_true", help="skip the bottom-quarter-trainable variants")
     parser.add_argument("--out", default="results", help="folder for bench.json and bench.png (default: results)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -110,6 +113,9 @@ def main(argv=None, args=None) -> int:
         return fail(f"--every-n-layers: expected comma-separated integers >= 1, got {args.every_n_layers!r}")
     if every and "torchgc-checkpoint" not in kinds:
         kinds.append("torchgc-checkpoint")
+    compile_modes = [s.strip() for s in args.compile.split(",") if s.strip()]
+    if not compile_modes or any(m not in COMPILE_MODES for m in compile_modes):
+        return fail(f"--compile: expected a comma-separated subset of {', '.join(COMPILE_MODES)}, got {args.compile!r}")
     checked = [("--batch-size", args.batch_size), ("--steps", args.steps), ("--rounds", args.rounds)]
     for name, value in checked:
         if value < 1:
@@ -129,14 +135,15 @@ def main(argv=None, args=None) -> int:
     if device.startswith("--device"):
         return fail(device)
 
-    runs = [r for r in default_runs(fused_norm=not args.no_fused_norm, freeze=not args.no_freeze, memory_budgets=budgets, every_n_layers=every) if r.kind in kinds]
+    runs = [r for r in default_runs(fused_norm=not args.no_fused_norm, freeze=not args.no_freeze, memory_budgets=budgets, every_n_layers=every,
+                                     compile_modes=compile_modes) if r.kind in kinds]
 
     try:
         results = sweep(model_spec, runs, seq_lens, device=device, batch_size=args.batch_size, steps=args.steps, warmup=args.warmup,
                         rounds=args.rounds, progress=not args.quiet)
     except RuntimeError as exc:
         return fail(str(exc).removeprefix("torchgc bench: "))
-    settings = {"seq_lens": seq_lens, "batch_size": args.batch_size, "steps": args.steps, "warmup": args.warmup, "rounds": args.rounds, "model": model_spec}
+    settings = {"seq_lens": seq_lens, "batch_size": args.batch_size, "steps": args.steps, "warmup": args.warmup, "rounds": args.rounds, "compile": compile_modes, "model": model_spec}
     written = report.write(results, Path(args.out), device=device, settings=settings)
     print(f"\n{written}")
     return 0

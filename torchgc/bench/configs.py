@@ -18,6 +18,7 @@ DEFAULT_MODEL_CONFIG = {
 }
 
 STRATEGY_KINDS = ("none", "hf", "torchgc-checkpoint", "torchgc-offload", "torchgc-selective", "torchgc-auto")
+COMPILE_MODES = ("none", "regional", "model")  # regional: each decoder layer torch.compile'd and assigned back
 BASELINE = "hf-nonreentrant"
 
 
@@ -29,6 +30,7 @@ class RunConfig:
     trainable_fraction: float = 1.0  # < 1: only the bottom fraction of layers is trained
     memory_budget: Optional[float] = None  # torchgc's per-layer plan within this fraction (kind torchgc-auto)
     every_n_layers: int = 1  # > 1: only layers 0, n, 2n, ... checkpointed (transformers' pattern)
+    compile: str = "none"  # one of COMPILE_MODES
 
     @property
     def name(self) -> str:
@@ -41,6 +43,8 @@ class RunConfig:
             name += f"+budget-{self.memory_budget:g}"
         if self.every_n_layers > 1:
             name += f"+every-{self.every_n_layers}"
+        if self.compile != "none":
+            name += f"+compile-{self.compile}"
         return name
 
 
@@ -53,18 +57,20 @@ class RunResult:
     peak_activation_bytes: int
     peak_reserved_bytes: Optional[int]
     host_offloaded_bytes: int
-    saved_for_backward_bytes: int
+    saved_for_backward_bytes: Optional[int]  # None under torch.compile (its module hooks would recompile)
     enabled_with: Optional[str] = None  # the gradient_checkpointing_enable the model resolved
     checkpointed_with: Optional[str] = None  # the function its layers checkpoint with, and its options
     plan_modes: Optional[List[str]] = None  # under a memory budget, each layer's mode in the plan
     other_plan_modes: List[List[str]] = field(default_factory=list)  # plans of later rounds that differ from it
+    compile_seconds: Optional[float] = None  # the first step's time less the median step's, under torch.compile
     grad_max_abs_diff: Optional[float] = None
     grads_bitwise_equal: Optional[bool] = None
     loss: float = 0.0
     grads_file: str = field(default="", repr=False)
 
 
-def default_runs(fused_norm: bool, freeze: bool, memory_budgets: Sequence[float] = (), every_n_layers: Sequence[int] = ()) -> List[RunConfig]:
+def default_runs(fused_norm: bool, freeze: bool, memory_budgets: Sequence[float] = (), every_n_layers: Sequence[int] = (),
+                 compile_modes: Sequence[str] = ()) -> List[RunConfig]:
     runs = [RunConfig("none")]
     for kind in ("hf", "torchgc-checkpoint", "torchgc-offload"):
         for reentrant in (True, False):
@@ -76,4 +82,7 @@ def default_runs(fused_norm: bool, freeze: bool, memory_budgets: Sequence[float]
         runs.append(RunConfig("torchgc-checkpoint", False, fused_norm=True))
     if freeze:
         runs += [RunConfig("hf", False, trainable_fraction=0.25), RunConfig("torchgc-checkpoint", False, trainable_fraction=0.25)]
+    for mode in compile_modes:
+        if mode != "none":
+            runs += [RunConfig(kind, False, compile=mode) for kind in ("none", "hf", "torchgc-checkpoint", "torchgc-offload", "torchgc-selective")]
     return runs

@@ -14,13 +14,18 @@ from torchgc.bench.configs import BASELINE, RunResult
 
 def _ratio(result: RunResult, base: Optional[RunResult], attribute: str) -> str:
     base_value = getattr(base, attribute) if base else 0
-    return f"{getattr(result, attribute) / base_value:6.3f}" if base_value > 0 else "     -"
+    value = getattr(result, attribute)
+    return f"{value / base_value:6.3f}" if value is not None and base_value else "     -"
+
+
+def _mib(n: Optional[int]) -> str:
+    return "-" if n is None else f"{n / 2**20:.1f}"
 
 
 def format_table(results: List[RunResult]) -> str:
     baseline = {r.seq_len: r for r in results if r.config.name == BASELINE}
     header = (f"{'strategy':50} {'seq':>6} {'step s':>8} {'x hf':>6} {'peak act MiB':>13} {'x hf':>6} {'saved MiB':>10} {'x hf':>6} "
-              f"{'host MiB':>9} {'grad max|diff|':>15}")
+              f"{'host MiB':>9} {'compile s':>9} {'grad max|diff|':>15}")
     lines = [header, "-" * len(header)]
     for r in results:
         base = baseline.get(r.seq_len)
@@ -31,8 +36,8 @@ def format_table(results: List[RunResult]) -> str:
         lines.append(
             f"{r.config.name:50} {r.seq_len:6d} {r.step_seconds:8.3f} {_ratio(r, base, 'step_seconds')} "
             f"{r.peak_activation_bytes / 2**20:13.1f} {_ratio(r, base, 'peak_activation_bytes')} "
-            f"{r.saved_for_backward_bytes / 2**20:10.1f} {_ratio(r, base, 'saved_for_backward_bytes')} "
-            f"{r.host_offloaded_bytes / 2**20:9.1f} {grad:>15}"
+            f"{_mib(r.saved_for_backward_bytes):>10} {_ratio(r, base, 'saved_for_backward_bytes')} "
+            f"{r.host_offloaded_bytes / 2**20:9.1f} {'-' if r.compile_seconds is None else f'{r.compile_seconds:.1f}':>9} {grad:>15}"
         )
     return "\n".join(lines)
 
@@ -43,7 +48,7 @@ def fixed_patterns_against_plans(results: List[RunResult]) -> str:
     length: the comparison at equal peak memory."""
     lines = []
     for seq_len in sorted({r.seq_len for r in results}):
-        rows = [r for r in results if r.seq_len == seq_len and r.config.trainable_fraction == 1 and not r.config.fused_norm]
+        rows = [r for r in results if r.seq_len == seq_len and r.config.trainable_fraction == 1 and not r.config.fused_norm and r.config.compile == "none"]
         plans = [r for r in rows if r.config.kind == "torchgc-auto"]
         patterns = [r for r in rows if not r.config.use_reentrant and (r.config.kind == "hf" or (r.config.kind == "torchgc-checkpoint"))]
         for pattern in patterns if plans else []:

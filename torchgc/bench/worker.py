@@ -55,6 +55,16 @@ def apply_config(model, config: RunConfig) -> list:
     return [p for p in model.parameters() if p.requires_grad] or list(model.parameters())
 
 
+def compiled(model, mode: str):
+    """What the steps call: the model, with each decoder layer compiled and assigned back
+    ("regional", torchtitan's form), or the whole model compiled ("model"); default backend."""
+    if mode == "regional":
+        layers = decoder_layers(model)
+        for i, layer in enumerate(layers):
+            layers[i] = torch.compile(layer)
+    return torch.compile(model) if mode == "model" else model
+
+
 def describe_checkpointing(model) -> dict:
     """Which enable function the model resolves, and which function (with which options) its
     layers checkpoint with; None for a run without checkpointing."""
@@ -92,11 +102,17 @@ def run(spec: dict) -> dict:
     input_ids = torch.randint(0, model.config.vocab_size, (spec["batch_size"], spec["seq_len"]), generator=generator).to(device)
     inputs = {"input_ids": input_ids, "labels": input_ids}
 
+    sync = measure.synchronizer(device)
+    forward = compiled(model, config.compile)
+    compile_seconds = None
+    if config.compile != "none":  # the first step compiles: timed apart from the steps
+        first = measure.timed_calls(lambda: forward(**inputs).loss.backward(), repeats=1, sync=sync)[0]
+        for p in trainable:
+            p.grad.zero_()
     if config.memory_budget is not None:
         # The planner's measuring step (every layer checkpointed), before the memory baseline, so
         # that what follows measures the plan. Its cost is the README's ("A memory budget").
         model(**inputs).loss.backward()
-    sync = measure.synchronizer(device)
     if device.type == "cuda":
         sync()
         base = torch.cuda.memory_allocated()
@@ -104,12 +120,12 @@ def run(spec: dict) -> dict:
     else:
         measure.reset_peak_rss()
         base = measure.rss_bytes()
-    saved_bytes = measure.saved_for_backward_bytes(model, inputs)
+    saved_bytes = measure.saved_for_backward_bytes(model, inputs) if config.compile == "none" else None
     observed = {"host_bytes": 0, "loss": None}
 
     def step():
         optimizer.zero_grad(set_to_none=False)
-        loss = model(**inputs).loss
+        loss = forward(**inputs).loss
         observed["host_bytes"] = max(observed["host_bytes"], torchgc.ops.host_pool_stats().in_use_bytes)
         loss.backward()
         optimizer.step()
@@ -121,6 +137,8 @@ def run(spec: dict) -> dict:
             torch.save({n: p.grad.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}, spec["grads_file"])
 
     times = measure.timed_calls(step, repeats=spec["steps"], warmup=spec["warmup"], sync=sync, after=after)
+    if config.compile != "none":
+        compile_seconds = max(0.0, first - statistics.median(times))
     if device.type == "cuda":
         peak, reserved = torch.cuda.max_memory_allocated() - base, torch.cuda.max_memory_reserved()
     else:
@@ -132,6 +150,7 @@ def run(spec: dict) -> dict:
         "peak_reserved_bytes": reserved,
         "host_offloaded_bytes": observed["host_bytes"],
         "saved_for_backward_bytes": saved_bytes,
+        "compile_seconds": compile_seconds,
         "loss": observed["first_loss"],
         "grads_file": spec["grads_file"],
         "plan_modes": [layer["mode"] for layer in plans[-1]["layers"]] if (plans := torchgc.explain(model).get("plans")) else None,
