@@ -217,3 +217,45 @@ def test_a_memory_budget_inside_a_compiled_layer_checkpoints_it_whole_and_warns_
     assert len([w for w in caught if "memory_budget" in str(w.message)]) == 1
     assert_matches(eager_run(), result)
     assert torchgc.explain(model)["plans"] == []  # nothing was measured
+
+
+_fail = {"now": False}
+
+
+@torch.library.custom_op("torchgc_test::fail_when_told", mutates_args=())
+def fail_when_told(x: torch.Tensor) -> torch.Tensor:
+    if _fail["now"]:
+        raise RuntimeError("failure injected by the test")
+    return x.clone()
+
+
+fail_when_told.register_fake(lambda x: torch.empty_like(x))
+fail_when_told.register_autograd(lambda ctx, grad: grad)
+
+
+def test_an_exception_inside_a_compiled_offload_region_leaves_no_hooks_behind_after_the_next_region():
+    weight = torch.randn(8, 8, requires_grad=True)
+
+    def layer(x):
+        return fail_when_told(torch.tanh(x @ weight)) * 2
+
+    step = torch.compile(lambda x: torchgc.checkpoint(layer, x, strategy="offload", min_offload_bytes=0))
+    x = torch.randn(4, 8, requires_grad=True)
+    top = torch._C._autograd._top_saved_tensors_default_hooks
+    step(x).sum().backward()
+    assert top(True) is None
+    _fail["now"] = True
+    try:
+        with pytest.raises(RuntimeError, match="failure injected"):
+            step(x)
+    finally:
+        _fail["now"] = False
+    assert top(True) is not None  # the failed region's hooks, until the next region closes them
+    weight.grad, x.grad = None, None
+    step(x).sum().backward()
+    assert top(True) is None
+    compiled_grads = [g.clone() for g in (weight.grad, x.grad)]
+    weight.grad, x.grad = None, None
+    layer(x).sum().backward()
+    for got, want in zip(compiled_grads, (weight.grad, x.grad)):
+        torch.testing.assert_close(got, want, **TOLERANCE)

@@ -57,6 +57,7 @@ def checkpoint(
     graph, so it keeps nothing for backward). A frozen layer that gradients flow through (one above
     a trainable layer) and a layer without parameters are checkpointed like any other.
     max_host_bytes: offloading stops while this many host bytes are in use (None: no cap).
+    Inside a region that torch.compile traces, see torchgc.compiled.
     """
     flags = {"use_reentrant": use_reentrant, "preserve_rng_state": preserve_rng_state, "only_trainable": only_trainable, "prefetch": prefetch}
     _check_arguments(strategy, flags, min_offload_bytes, max_host_bytes)

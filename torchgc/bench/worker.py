@@ -55,7 +55,7 @@ def apply_config(model, config: RunConfig) -> list:
     return [p for p in model.parameters() if p.requires_grad] or list(model.parameters())
 
 
-def compiled(model, mode: str):
+def compile_for_run(model, mode: str):
     """What the steps call: the model, with each decoder layer compiled and assigned back
     ("regional", torchtitan's form), or the whole model compiled ("model"); default backend."""
     if mode == "regional":
@@ -103,7 +103,7 @@ def run(spec: dict) -> dict:
     inputs = {"input_ids": input_ids, "labels": input_ids}
 
     sync = measure.synchronizer(device)
-    forward = compiled(model, config.compile)
+    forward = compile_for_run(model, config.compile)
     compile_seconds = None
     if config.compile != "none":  # the first step compiles: timed apart from the steps
         first = measure.timed_calls(lambda: forward(**inputs).loss.backward(), repeats=1, sync=sync)[0]
