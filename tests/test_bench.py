@@ -225,5 +225,6 @@ def test_compiled_runs_report_compile_time_apart_and_offload_still_offloads(tiny
                          "torchgc-offload-nonreentrant+compile-regional"}
     assert compiled["compile_seconds"] > 0 and eager["compile_seconds"] is None
     assert compiled["host_offloaded_bytes"] == eager["host_offloaded_bytes"] > 0
-    assert compiled["grad_max_abs_diff"] < 1e-4
+    # Compared with the eager run without checkpointing, as every other run is.
+    assert compiled["grad_max_abs_diff"] < 1e-4 and rows["none+compile-regional"]["grad_max_abs_diff"] < 1e-4
     assert "compile s" in (out / "bench.txt").read_text()

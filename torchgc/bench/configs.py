@@ -33,6 +33,11 @@ class RunConfig:
     compile: str = "none"  # one of COMPILE_MODES
 
     @property
+    def is_reference(self) -> bool:
+        """The run every other run's gradients are compared with: eager, without checkpointing."""
+        return self.kind == "none" and self.compile == "none"
+
+    @property
     def name(self) -> str:
         name = self.kind if self.kind == "none" else f"{self.kind}-{'reentrant' if self.use_reentrant else 'nonreentrant'}"
         if self.fused_norm:

@@ -30,7 +30,7 @@ def format_table(results: List[RunResult]) -> str:
     for r in results:
         base = baseline.get(r.seq_len)
         if r.grad_max_abs_diff is None:
-            grad = "reference" if r.config.kind == "none" else "-"
+            grad = "reference" if r.config.is_reference else "-"
         else:
             grad = "bitwise equal" if r.grads_bitwise_equal else f"{r.grad_max_abs_diff:.2e}"
         lines.append(

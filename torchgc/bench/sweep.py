@@ -99,9 +99,9 @@ def sweep(model_spec: dict, runs: List[RunConfig], seq_lens: List[int], *, devic
                     _add_round(merged[index], result)
                 bar.update(1)
             if round_index == 0:  # the gradients of each run's first step, against no checkpointing's
-                reference = {r.seq_len: r.grads_file for r in merged.values() if r.config.kind == "none"}
+                reference = {r.seq_len: r.grads_file for r in merged.values() if r.config.is_reference}
                 for result in merged.values():
-                    if result.config.kind != "none" and result.seq_len in reference:
+                    if not result.config.is_reference and result.seq_len in reference:
                         result.grad_max_abs_diff, result.grads_bitwise_equal = _compare_grads(reference[result.seq_len], result.grads_file)
         bar.close()
     return [merged[index] for index in range(len(jobs))]

@@ -58,6 +58,14 @@ def apply_config(model, config: RunConfig) -> list:
 def compile_for_run(model, mode: str):
     """What the steps call: the model, with each decoder layer compiled and assigned back
     ("regional", torchtitan's form), or the whole model compiled ("model"); default backend."""
+    if mode != "none":
+        # Inductor's on-disk caches would give a run the graphs that an earlier run compiled:
+        # every run's compile time is a cold one.
+        import torch._functorch.config
+        import torch._inductor.config
+
+        torch._inductor.config.fx_graph_cache = False
+        torch._functorch.config.enable_autograd_cache = False
     if mode == "regional":
         layers = decoder_layers(model)
         for i, layer in enumerate(layers):
