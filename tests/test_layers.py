@@ -14,7 +14,7 @@ LAYERS = [
     ("op bindings", ["torchgc._library", "torchgc.ops"]),
     ("options", ["torchgc.config"]),
     ("counters", ["torchgc.counters"]),
-    ("strategies", ["torchgc.offload", "torchgc.selective", "torchgc.strategies"]),
+    ("strategies", ["torchgc.offload", "torchgc.selective", "torchgc.compiled", "torchgc.strategies"]),
     ("planner", ["torchgc.planner"]),
     ("norms", ["torchgc.norm"]),
     ("integrations", ["torchgc.integrations", "torchgc.integrations.*"]),
