@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -306,6 +307,11 @@ def test_accelerate_launch_with_fsdp2_patches_both_workers_and_forces_non_reentr
     command = [sys.executable, "-m", "torchgc", "run", "--use-reentrant", "--strategy", "checkpoint", "--report", str(tmp_path / "report"),
                "-m", "accelerate.commands.launch", "--config_file", str(tmp_path / "fsdp2.yaml"), str(tmp_path / "train.py"), str(out)]
     done = run_bounded(command, cwd=tmp_path, env=_environment(OMP_NUM_THREADS="1"))
+    if done.returncode != 0 and "terminate called without an active exception" in done.stderr:
+        # gloo's threads sometimes abort a worker at exit even after destroy_process_group (seen twice in
+        # make test, never alone): that abort, and only it, gets one more try.
+        shutil.rmtree(tmp_path / "report", ignore_errors=True)
+        done = run_bounded(command, cwd=tmp_path, env=_environment(OMP_NUM_THREADS="1"))
     assert done.returncode == 0, done.stderr[-4000:]
     reports = [json.loads(p.read_text()) for p in (tmp_path / "report").glob("torchgc-*.json")]
     assert sorted(r["rank"] for r in reports if r["checkpoint_calls"]) == [0, 1], reports
