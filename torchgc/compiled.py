@@ -26,14 +26,12 @@ def checkpoint(function: Callable, args: tuple, kwargs: dict, *, selective_polic
                preserve_rng_state: bool, sac_hooks: dict):
     """One checkpointed layer call inside a compiled region; offload_policy: OffloadPolicy's
     arguments, or None not to offload."""
-    if selective_policy:
-        return torch.utils.checkpoint.checkpoint(function, *args, use_reentrant=False, preserve_rng_state=preserve_rng_state,
-                                                 context_fn=selective.context_fn, **sac_hooks, **kwargs)
-    if offload_policy is None:
-        return torch.utils.checkpoint.checkpoint(function, *args, use_reentrant=False, preserve_rng_state=preserve_rng_state, **kwargs)
-    _begin_offload(**offload_policy)
-    out = torch.utils.checkpoint.checkpoint(function, *args, use_reentrant=False, preserve_rng_state=preserve_rng_state, **kwargs)
-    _end_offload()
+    extra = {"context_fn": selective.context_fn, **sac_hooks} if selective_policy else {}
+    if offload_policy is not None:
+        _begin_offload(**offload_policy)
+    out = torch.utils.checkpoint.checkpoint(function, *args, use_reentrant=False, preserve_rng_state=preserve_rng_state, **extra, **kwargs)
+    if offload_policy is not None:
+        _end_offload()
     return out
 
 
