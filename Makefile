@@ -12,7 +12,7 @@ BUILD_DIR ?= build/cmake
 export MAX_JOBS
 
 # Everything the tests and the demo need; versions come from the constraints file.
-TEST_DEPS := torch transformers peft accelerate trl datasets pytest hypothesis numpy matplotlib tqdm psutil cmake setuptools wheel
+TEST_DEPS := torch transformers peft accelerate trl datasets pytest hypothesis numpy matplotlib tqdm psutil cmake setuptools wheel deepspeed bitsandbytes ninja
 
 # Transformers overlays: "#overlay NAME PINS..." lines of the constraints file (see there).
 OVERLAY_DIR := $(VENV)/overlays
