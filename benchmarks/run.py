@@ -1,8 +1,9 @@
-"""One entry point for torchgc's benchmarks: `python benchmarks/run.py {strategies,offload,norm} [options]`.
+"""One entry point for torchgc's benchmarks: `python benchmarks/run.py {strategies,offload,norm,overhead} [options]`.
 
 strategies: memory and step time of every checkpointing strategy (the same as `torchgc bench`).
 offload:    copy bandwidth of the offload/reload ops against a plain copy.
-norm:       the fused norm ops against HF's eager norm, torch.compile, F.rms_norm and a copy."""
+norm:       the fused norm ops against HF's eager norm, torch.compile, F.rms_norm and a copy.
+overhead:   per-layer time of torchgc's checkpointing against transformers' own, where Python dominates."""
 
 import importlib
 import sys
@@ -12,6 +13,7 @@ BENCHMARKS = {
     "strategies": "torchgc.bench",
     "offload": "bench_offload",
     "norm": "bench_norm",
+    "overhead": "bench_overhead",
 }
 
 

@@ -41,6 +41,13 @@ def test_norm():
     assert "rms norm" in done.stdout and "layer norm" in done.stdout and "ceiling (a)/(d)" in done.stdout
 
 
+def test_overhead(tmp_path):
+    done = run_benchmark("overhead", "--layers", "2", "--steps", "3", "--warmup", "0", "--json", str(tmp_path / "overhead.json"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "torchgc / hf per-layer time: median" in done.stdout
+    assert json.loads((tmp_path / "overhead.json").read_text())["settings"]["layers"] == 2
+
+
 @pytest.mark.parametrize("args", [[], ["nosuch"]])
 def test_an_unknown_benchmark_exits_with_status_2(args):
     done = run_benchmark(*args)
