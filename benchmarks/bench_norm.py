@@ -25,7 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from torchgc.bench.measure import median_seconds, synchronizer
+from torchgc.bench.measure import median_seconds
+from torchgc.measuring import synchronizer
 
 EPS = 1e-6
 

@@ -9,7 +9,8 @@ import argparse
 import torch
 
 from torchgc import ops
-from torchgc.bench.measure import median_seconds, synchronizer
+from torchgc.bench.measure import median_seconds
+from torchgc.measuring import synchronizer
 
 
 def measure(device: str, megabytes: int, repeats: int):

@@ -1,49 +1,33 @@
-"""Shared by the test_patch*.py files: isolation from the environment, a counting stand-in for
-torchgc.checkpoint, and one-step training runs that return every parameter's gradient."""
+"""Shared by the tests that patch: a recorder of torchgc's layer checkpoint calls, and one-step
+training runs that return every parameter's gradient. The fixtures clean_patch and
+checkpoint_calls are in conftest.py."""
 
-import functools
-import os
+import contextlib
 
-import pytest
 import torch
 import transformers
 
-import torchgc
-import torchgc.integrations.transformers as HF_INTEGRATION
-import torchgc.patching as PATCH_MODULE
-import torchgc.strategies as CHECKPOINT_MODULE
+from torchgc import strategies
+
 TRANSFORMERS_MAJOR = int(transformers.__version__.split(".")[0])
 
 
-@pytest.fixture(autouse=True)
-def clean_patch(monkeypatch):
-    """Each test starts unpatched, with no TORCHGC_*/FSDP variable set, and ends unpatched."""
-    for name in list(os.environ):
-        if name.startswith("TORCHGC_") or name in ("ACCELERATE_USE_FSDP", "FSDP_VERSION"):
-            monkeypatch.delenv(name)
-    torchgc.unpatch()
-    yield
-    torchgc.unpatch()
-
-
-def counting_checkpoint(calls: list):
-    """torchgc.strategies.checkpoint, appending each call's keyword arguments to ``calls``."""
-    real = CHECKPOINT_MODULE.checkpoint
-
-    @functools.wraps(real)
-    def counting(function, *args, **kwargs):
-        calls.append(kwargs)
-        return real(function, *args, **kwargs)
-
-    return counting
-
-
-@pytest.fixture
-def checkpoint_calls(monkeypatch):
-    """Counts calls of torchgc.strategies.checkpoint made by models enabled during the test."""
+@contextlib.contextmanager
+def recording_checkpoint_calls():
+    """Yields a list that gets, for each call of torchgc's layer checkpoint (torchgc.checkpoint
+    included) while the block runs, the keywords of the call: the object's and the call's own."""
     calls = []
-    monkeypatch.setattr(CHECKPOINT_MODULE, "checkpoint", counting_checkpoint(calls))
-    return calls
+    real = strategies.LayerCheckpoint.__call__
+
+    def recording(self, function, *args, **kwargs):
+        calls.append({**self.keywords, **kwargs})
+        return real(self, function, *args, **kwargs)
+
+    strategies.LayerCheckpoint.__call__ = recording
+    try:
+        yield calls
+    finally:
+        strategies.LayerCheckpoint.__call__ = real
 
 
 class _GradientSnapshot(transformers.TrainerCallback):
@@ -57,11 +41,6 @@ class _GradientSnapshot(transformers.TrainerCallback):
         self.grads = {
             name: None if p.grad is None else p.grad.detach().clone() for name, p in self.model.named_parameters()
         }
-
-
-def is_torchgc_function(func) -> bool:
-    """True for the partial of torchgc.checkpoint that a patched enable installs."""
-    return isinstance(func, functools.partial) and func.func is CHECKPOINT_MODULE.checkpoint
 
 
 def _common_args(output_dir, gradient_checkpointing, gc_kwargs):

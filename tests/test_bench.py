@@ -13,6 +13,9 @@ import torchgc.integrations.transformers as hf_integration
 from torchgc import bench
 from torchgc.bench import configs, measure, sweep, worker
 
+# apply_config patches transformers for torchgc configurations, as a worker process does.
+pytestmark = pytest.mark.usefixtures("clean_patch")
+
 TINY = {"model_type": "llama", "vocab_size": 64, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
         "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64}
 
@@ -71,14 +74,6 @@ def test_sweep_writes_table_json_and_plot_with_gradient_agreement(tiny_config, t
 
 
 SEQ_LEN = 64
-
-
-@pytest.fixture(autouse=True)
-def unpatched():
-    """apply_config patches transformers for torchgc configurations, as a worker process does."""
-    torchgc.unpatch()
-    yield
-    torchgc.unpatch()
 
 
 def _model(kind, use_reentrant=False, layers=TINY["num_hidden_layers"], fused_norm=False):

@@ -379,7 +379,7 @@ def test_bad_arguments_raise_a_clear_error(kwargs, match):
         torchgc.checkpoint(torch.nn.Linear(2, 2), torch.randn(1, 2), **kwargs)
 
 
-@pytest.mark.skipif(not torchgc.strategies._SAC_HOOKS, reason="this torch's checkpoint has no respect_saved_tensors_hooks")
+@pytest.mark.skipif(not torchgc.modes.SAC_HOOKS, reason="this torch's checkpoint has no respect_saved_tensors_hooks")
 def test_selective_keeps_its_outputs_through_the_hooks_around_it():
     # An outer saved-tensor hook (torch's save_on_cpu, a memory counter) sees what selective keeps,
     # as it sees every other saved tensor, and torch has nothing to warn about.
@@ -416,7 +416,7 @@ def test_the_selective_policy_keeps_matmuls_but_not_attention_scores_or_seeded_a
 
 def test_the_owning_module_is_found_in_every_form_transformers_passes():
     layer = torch.nn.Linear(4, 4)
-    owning_module = torchgc.strategies.owning_module
+    owning_module = torchgc.layer_calls.owning_module
     assert owning_module(layer) is layer
     assert owning_module(functools.partial(layer.__call__, bias=None)) is layer  # transformers 4.x, 5.x
     assert owning_module(functools.partial(type(layer).forward, layer)) is layer  # transformers 5.23

@@ -13,8 +13,10 @@ from torch._dynamo.backends.registry import lookup_backend
 from torch._dynamo.utils import counters
 
 import torchgc
-from patch_helpers import clean_patch, trainer_step  # noqa: F401 (fixture)
+from patch_helpers import trainer_step
 from tiny_models import batch, build
+
+pytestmark = pytest.mark.usefixtures("clean_patch")
 
 LAYERS = 2
 STRATEGIES = ["checkpoint", "offload", "selective"]

@@ -13,7 +13,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import torchgc
-from patch_helpers import CHECKPOINT_MODULE, assert_same_grads, counting_checkpoint
+from patch_helpers import assert_same_grads, recording_checkpoint_calls
 from tiny_models import batch, build
 
 WORLD_SIZE = 2
@@ -57,33 +57,30 @@ def _full_grads(model):
 
 def _rank_main(rank, store, out_dir, wrapper, find_unused):
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD_SIZE)
-    calls = []
-    real = CHECKPOINT_MODULE.checkpoint
-    CHECKPOINT_MODULE.checkpoint = counting_checkpoint(calls)
     try:
-        for name, strategy, use_reentrant, trainable_layers in RUNS:
-            torchgc.unpatch()
-            model = build("llama", layers=3)
-            if trainable_layers is not None:
-                model.requires_grad_(False)
-                model.model.layers[:trainable_layers].requires_grad_(True)
-            # HF Trainer enables checkpointing before DDP wraps the model. Under FSDP2 torchgc must
-            # see the sharded model to force non-reentrant (or read accelerate's environment).
-            wrapped = _wrap(model, wrapper, find_unused) if wrapper == "fsdp2" else model
-            if strategy is not None:
-                torchgc.patch(strategy, use_reentrant=use_reentrant, min_offload_bytes=0)
-                model.gradient_checkpointing_enable()
-            if wrapper == "ddp":
-                wrapped = _wrap(model, wrapper, find_unused)
-            calls.clear()
-            wrapped(**batch(seed=10 + rank)).loss.backward()
-            if strategy is not None:
-                assert len(calls) == len(model.model.layers), (name, len(calls))
-            grads = _full_grads(model)
-            if rank == 0:
-                torch.save(grads, os.path.join(out_dir, f"{name}.pt"))
+        with recording_checkpoint_calls() as calls:
+            for name, strategy, use_reentrant, trainable_layers in RUNS:
+                torchgc.unpatch()
+                model = build("llama", layers=3)
+                if trainable_layers is not None:
+                    model.requires_grad_(False)
+                    model.model.layers[:trainable_layers].requires_grad_(True)
+                # HF Trainer enables checkpointing before DDP wraps the model. Under FSDP2 torchgc must
+                # see the sharded model to force non-reentrant (or read accelerate's environment).
+                wrapped = _wrap(model, wrapper, find_unused) if wrapper == "fsdp2" else model
+                if strategy is not None:
+                    torchgc.patch(strategy, use_reentrant=use_reentrant, min_offload_bytes=0)
+                    model.gradient_checkpointing_enable()
+                if wrapper == "ddp":
+                    wrapped = _wrap(model, wrapper, find_unused)
+                calls.clear()
+                wrapped(**batch(seed=10 + rank)).loss.backward()
+                if strategy is not None:
+                    assert len(calls) == len(model.model.layers), (name, len(calls))
+                grads = _full_grads(model)
+                if rank == 0:
+                    torch.save(grads, os.path.join(out_dir, f"{name}.pt"))
     finally:
-        CHECKPOINT_MODULE.checkpoint = real
         torchgc.unpatch()
         dist.destroy_process_group()
 

@@ -244,6 +244,7 @@ def test_another_llamafactory_version_gets_one_clear_warning(monkeypatch):
     import types
     import warnings
 
+    import torchgc
     from torchgc.integrations import llamafactory
 
     monkeypatch.setattr(importlib.metadata, "version", lambda name: "0.9.9" if name == "llamafactory" else "0")
@@ -253,8 +254,8 @@ def test_another_llamafactory_version_gets_one_clear_warning(monkeypatch):
     monkeypatch.setitem(sys.modules, llamafactory.CHECKPOINTING_MODULE, module)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        llamafactory.route({})
-        llamafactory.route({})
+        llamafactory.route(torchgc.config.DEFAULTS)
+        llamafactory.route(torchgc.config.DEFAULTS)
     try:
         messages = [str(w.message) for w in caught]
         assert len(messages) == 1 and re.search(r"LLaMA-Factory 0\.9\.9 is installed.* routes the model preparation of LLaMA-Factory 0\.9\.5 only",

@@ -9,7 +9,7 @@ from transformers import Gemma2Config, Gemma2ForCausalLM, GemmaConfig, GemmaForC
 from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-from torchgc import norm
+from torchgc import norm, norm_modules
 
 SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
              vocab_size=97, max_position_embeddings=64)
@@ -233,7 +233,7 @@ def enabled_through_patch(name, options):
 
 
 def fused_norm_count(model):
-    return sum(isinstance(m.__dict__.get("forward"), norm._FusedForward) for m in model.modules())
+    return sum(isinstance(m.__dict__.get("forward"), norm_modules._FusedForward) for m in model.modules())
 
 
 def logits(model, ids):

@@ -13,10 +13,13 @@ import transformers
 from transformers import PreTrainedModel
 
 import torchgc
-from patch_helpers import HF_INTEGRATION as hf_integration
-from patch_helpers import PATCH_MODULE as tgc_patch
-from patch_helpers import TRANSFORMERS_MAJOR, checkpoint_calls, clean_patch, is_torchgc_function  # noqa: F401 (fixtures)
+import torchgc.integrations.transformers as hf_integration
+import torchgc.patching as tgc_patch
+from patch_helpers import TRANSFORMERS_MAJOR
 from tiny_models import TINY_CONFIGS, batch, build
+from torchgc.integrations.transformers_layers import is_torchgc_function
+
+pytestmark = pytest.mark.usefixtures("clean_patch")
 
 NAMES = (
     "gradient_checkpointing_enable",

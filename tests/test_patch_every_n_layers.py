@@ -9,10 +9,11 @@ import pytest
 import torch
 
 import torchgc
-from patch_helpers import clean_patch  # noqa: F401 (fixture)
 from test_checkpoint import assert_same_step, train_step
 from tiny_models import batch, build
 from transformers import PreTrainedModel
+
+pytestmark = pytest.mark.usefixtures("clean_patch")
 
 LAYERS = 5
 

@@ -8,18 +8,13 @@ import pytest
 import torch
 
 import torchgc
-from patch_helpers import (  # noqa: F401 (fixtures)
-    HF_INTEGRATION,
-    assert_same_grads,
-    checkpoint_calls,
-    clean_patch,
-    is_torchgc_function,
-    sft_step,
-    trainer_step,
-)
+import torchgc.integrations.transformers as HF_INTEGRATION
+from patch_helpers import assert_same_grads, sft_step, trainer_step
 from tiny_models import build
+from torchgc.integrations.transformers_layers import is_torchgc_function
 
 peft = pytest.importorskip("peft")
+pytestmark = pytest.mark.usefixtures("clean_patch")
 
 LAYERS = 2
 MICRO_BATCHES = 2  # trainer_step runs one optimizer step over two micro-batches

@@ -10,20 +10,18 @@ import re
 
 import pytest
 import torch
-from torch.multiprocessing.reductions import StorageWeakRef
-from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import torchgc
-from patch_helpers import clean_patch  # noqa: F401 (fixture)
 from test_checkpoint import assert_same_step, train_step
 from tiny_models import batch, build
 from torchgc import planner
 from torchgc.bench.measure import LayerActivations
+from torchgc.measuring import LiveStorages, strided_tensors
 
 LAYERS = 4
 SEQ = 32
-pytestmark = pytest.mark.filterwarnings("ignore:.*is built on torch's selective checkpoint contexts")
+pytestmark = [pytest.mark.filterwarnings("ignore:.*is built on torch's selective checkpoint contexts"), pytest.mark.usefixtures("clean_patch")]
 
 
 def planned(model, budget, **options):
@@ -74,18 +72,15 @@ class LiveActivations(TorchDispatchMode):
 
     def __init__(self):
         super().__init__()
-        self.storages = {}
+        self.storages = LiveStorages()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        for t in pytree.tree_leaves(out):
-            if isinstance(t, torch.Tensor) and t.layout == torch.strided:
-                storage = t.untyped_storage()
-                self.storages[storage.data_ptr()] = (StorageWeakRef(storage), storage.nbytes())
+        self.storages.add(strided_tensors(out))
         return out
 
     def live_bytes(self):
-        return sum(size for ref, size in self.storages.values() if not ref.expired())
+        return self.storages.live_bytes()
 
 
 def bytes_alive_after_forward(model, inputs):

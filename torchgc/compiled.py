@@ -19,18 +19,19 @@ import torch
 import torch.utils.checkpoint
 
 from torchgc import selective
+from torchgc.modes import SAC_HOOKS
 from torchgc.offload import OffloadPolicy, offload_hooks
 
 
-def checkpoint(function: Callable, args: tuple, kwargs: dict, *, selective_policy: bool, offload_policy: Optional[dict],
-               preserve_rng_state: bool, sac_hooks: dict):
-    """One checkpointed layer call inside a compiled region; offload_policy: OffloadPolicy's
-    arguments, or None not to offload."""
-    extra = {"context_fn": selective.context_fn, **sac_hooks} if selective_policy else {}
-    if offload_policy is not None:
-        _begin_offload(**offload_policy)
-    out = torch.utils.checkpoint.checkpoint(function, *args, use_reentrant=False, preserve_rng_state=preserve_rng_state, **extra, **kwargs)
-    if offload_policy is not None:
+def checkpoint(function: Callable, args: tuple, kwargs: dict, *, selective_policy: bool, offload: Optional[OffloadPolicy],
+               torch_kwargs: dict):
+    """One checkpointed layer call inside a compiled region; offload: the policy to offload with,
+    or None not to offload."""
+    extra = {"context_fn": selective.context_fn, **SAC_HOOKS} if selective_policy else {}
+    if offload is not None:
+        _begin_offload(offload)
+    out = torch.utils.checkpoint.checkpoint(function, *args, use_reentrant=False, **extra, **torch_kwargs, **kwargs)
+    if offload is not None:
         _end_offload()
     return out
 
@@ -44,9 +45,9 @@ _open = _OpenRegions()
 
 
 @torch._dynamo.disable(reason="torchgc offload pushes its saved-tensor hooks eagerly, around the compiled layer")
-def _begin_offload(**policy) -> None:
+def _begin_offload(policy: OffloadPolicy) -> None:
     _close_abandoned_regions()
-    hooks = offload_hooks(OffloadPolicy(**policy))
+    hooks = offload_hooks(policy)
     hooks.__enter__()
     _open.hooks.append(hooks)
 

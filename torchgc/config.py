@@ -11,7 +11,7 @@ import difflib
 import os
 import re
 import warnings
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Callable, FrozenSet, Mapping, Optional
 
 STRATEGIES = ("auto", "checkpoint", "offload", "selective")
 # Offloading a smaller input costs more in copy latency than it saves: Unsloth measured no gain
@@ -35,10 +35,16 @@ class Options:
     upcast_lmhead_output: bool = False
     memory_budget: Optional[Any] = None  # None: checkpoint every layer; a fraction or a byte count: plan per layer
     every_n_layers: int = 1  # checkpoint decoder layers 0, n, 2n, ... (transformers' pattern); the rest keep everything
+    # The options given as arguments or set in the environment, as opposed to left at their
+    # defaults, so that a framework's own settings (LLaMA-Factory's flags) can take the defaults' place.
+    given: FrozenSet[str] = dataclasses.field(default=frozenset(), compare=False, repr=False)
 
 
-OPTION_NAMES = tuple(f.name for f in dataclasses.fields(Options))
+OPTION_NAMES = tuple(f.name for f in dataclasses.fields(Options) if f.name != "given")
 DEFAULTS = Options()
+# The options of one layer call: torchgc.checkpoint's arguments, and what the layers' checkpoint
+# object runs with.
+CALL_OPTIONS = ("strategy", "use_reentrant", "only_trainable", "prefetch", "min_offload_bytes", "max_host_bytes")
 
 
 def env_var(name: str) -> str:
@@ -176,13 +182,12 @@ def _parse_env(function: str, name: str, text: str) -> Any:
 
 def resolve(function: str, given: Mapping[str, Any], environ: Optional[Mapping[str, str]] = None) -> Options:
     """Options from ``given`` (None entries mean not given), then the environment, then defaults."""
-    return checked_together(function, dataclasses.replace(DEFAULTS, **explicit(function, given, environ)))
+    values = _given_or_set(function, given, os.environ if environ is None else environ)
+    return checked_together(function, dataclasses.replace(DEFAULTS, **values, given=frozenset(values)))
 
 
-def explicit(function: str, given: Mapping[str, Any], environ: Optional[Mapping[str, str]] = None) -> dict:
-    """The options given (None entries mean not given) or else set in the environment, validated:
-    what overrides the defaults, and the flags of a framework such as LLaMA-Factory."""
-    environ = os.environ if environ is None else environ
+def _given_or_set(function: str, given: Mapping[str, Any], environ: Mapping[str, str]) -> dict:
+    """The options given (None entries mean not given) or else set in the environment, validated."""
     _warn_unknown_variables(environ)
     unknown = set(given) - set(OPTION_NAMES)
     if unknown:
@@ -195,6 +200,13 @@ def explicit(function: str, given: Mapping[str, Any], environ: Optional[Mapping[
         elif environ.get(env_var(name)) is not None:
             values[name] = _parse_env(function, name, environ[env_var(name)])
     return values
+
+
+def fill_in(function: str, options: Options, settings: Mapping[str, Any]) -> Options:
+    """``options`` with a framework's own ``settings`` (LLaMA-Factory's flags, already checked) in
+    place of torchgc's defaults: for each option neither given nor set in the environment."""
+    below = {name: value for name, value in settings.items() if name not in options.given}
+    return checked_together(function, dataclasses.replace(options, **below))
 
 
 def override(function: str, options: Options, keys: Mapping[str, Any], argument: str) -> Options:
@@ -215,3 +227,41 @@ def checked_together(function: str, options: Options) -> Options:
             "choose which layers to checkpoint; give one of them"
         )
     return options
+
+
+# torchgc.checkpoint's arguments take Python values only: no sizes as text, no None for use_reentrant.
+def _listed_strategy(value: Any) -> Optional[str]:
+    return f"one of {', '.join(STRATEGIES)}" if value not in STRATEGIES else None
+
+
+def _count(value: Any) -> Optional[str]:
+    return "None or an int >= 0" if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0) else None
+
+
+_CALL_CHECKS: Mapping[str, Callable[[Any], Optional[str]]] = {
+    "strategy": _listed_strategy,
+    "use_reentrant": _boolean,
+    "preserve_rng_state": _boolean,
+    "only_trainable": _boolean,
+    "prefetch": _boolean,
+    "min_offload_bytes": _count,
+    "max_host_bytes": _count,
+}
+
+
+def check_call_argument(function: str, name: str, value: Any, *, where: Optional[str] = None) -> Any:
+    """Returns ``value`` if valid for the checkpoint call argument ``name`` (CALL_OPTIONS and
+    preserve_rng_state), else raises ValueError."""
+    expected = _CALL_CHECKS[name](value)
+    if expected is not None:
+        raise ValueError(f"{function}: {where or f'argument {name!r}'} must be {expected}; got {value!r}")
+    return value
+
+
+def call_options(function: str, arguments: Mapping[str, Any]) -> Options:
+    """The Options of a checkpoint call's ``arguments`` (every name of CALL_OPTIONS, and
+    preserve_rng_state if present), each checked."""
+    for name in _CALL_CHECKS:
+        if name in arguments:
+            check_call_argument(function, name, arguments[name])
+    return Options(**{name: arguments[name] for name in CALL_OPTIONS})

@@ -17,6 +17,10 @@ import torch
 from torchgc import counters, ops
 
 
+# The device types where strategy auto offloads; CPU tensors are checkpointed.
+ACCELERATORS = frozenset({"cuda", "xpu", "hpu", "mtia", "privateuseone"})
+
+
 @dataclass(frozen=True)
 class OffloadPolicy:
     """Which saved tensors go to the host."""

@@ -5,22 +5,33 @@ them, their ``activation_checkpointing_*`` successors) on ``transformers.PreTrai
 so every model class, models built later, and PEFT wrappers (which forward to the base model) go
 through torchgc. ``unpatch()`` puts the original function objects back. What the replacements do
 to a model is torchgc.integrations.transformers' job; this module holds the switch and the
-options it was given.
+options it was given. Integrations that act on patch() (LLaMA-Factory) plug in with add_integration.
 """
 
 import contextlib
 import functools
 import threading
 import warnings
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from torchgc import config
-from torchgc.integrations import llamafactory
 from torchgc.integrations import transformers as hf
+from torchgc.integrations.transformers_layers import is_torchgc_function
 
 _lock = threading.RLock()
 _originals: Dict[str, Any] = {}  # attribute name -> PreTrainedModel.__dict__ entry before patch()
 _options: Optional[config.Options] = None
+# What other integrations do when transformers is patched and unpatched, (on_patch(options),
+# on_unpatch()) pairs: LLaMA-Factory routes its model preparation. The front door registers them.
+_integrations: List[Tuple[Callable[[config.Options], None], Callable[[], None]]] = []
+
+
+def add_integration(on_patch: Callable[[config.Options], None], on_unpatch: Callable[[], None]) -> None:
+    """Registers a pair that patch() calls with its resolved options (on every call, so a new
+    patch() passes them on again) and unpatch() calls with nothing. Registering a pair twice has no
+    effect."""
+    if (on_patch, on_unpatch) not in _integrations:
+        _integrations.append((on_patch, on_unpatch))
 
 
 def _pretrained_model_class():
@@ -101,7 +112,7 @@ def _checking(set_gradient_checkpointing):
     def _set_gradient_checkpointing(self, *args, **kwargs):
         enable = kwargs.get("enable", args[0] if args else True)
         function = kwargs.get("gradient_checkpointing_func", args[1] if len(args) > 1 else None)
-        if enable and not hf.is_torchgc_function(function):
+        if enable and not is_torchgc_function(function):
             _warn_bypass(self, function)
         return set_gradient_checkpointing(self, *args, **kwargs)
 
@@ -175,38 +186,32 @@ def patch(
     Calling patch() again only updates the options. Returns them.
     """
     global _options
-    given = dict(
-        strategy=strategy,
-        use_reentrant=use_reentrant,
-        only_trainable=only_trainable,
-        upcast_layernorm=upcast_layernorm,
-        fused_norm=fused_norm,
-        upcast_lmhead_output=upcast_lmhead_output,
-        prefetch=prefetch,
-        min_offload_bytes=min_offload_bytes,
-        max_host_bytes=max_host_bytes,
-        memory_budget=memory_budget,
-        every_n_layers=every_n_layers,
-    )
-    options = config.resolve("torchgc.patch()", given)
+    arguments = locals()
+    options = config.resolve("torchgc.patch()", {name: arguments[name] for name in config.OPTION_NAMES})
     if any(getattr(options, name) for name in hf.NORM_OPTIONS):
         hf.norm_transforms("torchgc.patch()")  # fails here, before anything changes
     cls = _pretrained_model_class()
     with _lock:
         if not _originals:
-            originals = {name: cls.__dict__[name] for name in (*_REPLACEMENTS, _SET) if name in cls.__dict__}
-            replacements = {**_REPLACEMENTS, _SET: _checking(originals[_SET])} if _SET in originals else _REPLACEMENTS
-            try:
-                for name in originals:
-                    setattr(cls, name, replacements[name])
-            except BaseException:
-                for name, original in originals.items():
-                    setattr(cls, name, original)
-                raise
-            _originals.update(originals)
+            _replace_class_functions(cls)
         _options = options
-        llamafactory.route(given)
+        for on_patch, _ in _integrations:
+            on_patch(options)
     return options
+
+
+def _replace_class_functions(cls) -> None:
+    """Puts torchgc's functions on ``cls`` and keeps the originals; all or none."""
+    originals = {name: cls.__dict__[name] for name in (*_REPLACEMENTS, _SET) if name in cls.__dict__}
+    replacements = {**_REPLACEMENTS, _SET: _checking(originals[_SET])} if _SET in originals else _REPLACEMENTS
+    try:
+        for name in originals:
+            setattr(cls, name, replacements[name])
+    except BaseException:
+        for name, original in originals.items():
+            setattr(cls, name, original)
+        raise
+    _originals.update(originals)
 
 
 def unpatch() -> None:
@@ -220,7 +225,8 @@ def unpatch() -> None:
                 setattr(cls, name, original)
             _originals.clear()
         _options = None
-        llamafactory.unroute()
+        for _, on_unpatch in _integrations:
+            on_unpatch()
 
 
 def is_patched() -> bool:
@@ -251,3 +257,5 @@ def _set_options(options: config.Options) -> None:
     global _options
     with _lock:
         _options = options
+        for on_patch, _ in _integrations:
+            on_patch(options)

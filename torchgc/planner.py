@@ -1,33 +1,46 @@
-"""Per-layer checkpointing from a memory budget.
+"""Per-layer checkpointing from a memory budget: the Planner, the chooser of modes of a model's
+LayerCheckpoint (torchgc.strategies) when ``memory_budget`` is set.
 
-With ``memory_budget`` set, the layers' checkpoint function is a Planner. For each new input shape
-it measures every layer during the first training step, then gives each layer one mode (none,
-selective, checkpoint, offload) so that the predicted step time is smallest and the predicted
-activation memory stays within the budget.
+Modes. Each decoder layer gets one: none (keep every activation), selective, checkpoint (keep the
+input) or offload (keep the input on the host; accelerators only), chosen so that the predicted
+step time is smallest while the predicted activation memory fits the budget. The strategy option
+narrows the choice: auto allows every mode; checkpoint, selective or offload allow that one and none.
 
-The measuring step runs every layer checkpointed (its gradients are those of any other step) and,
-besides, runs each layer's forward twice more with grad on, under a forked RNG, and drops those
-results: once counting the bytes autograd saves (mode none) and timing it (the recompute cost), once
-counting the outputs that the selective policy would keep, timing those ops, and sampling after
-every op the bytes the forward holds (its working set: what it saves plus its temporaries, which
-every mode holds while the layer runs, and a recomputing mode again in backward). So that step
-costs about three forwards per layer instead of two, and holds one layer's activations more at a
-time. Gradients never differ from no checkpointing: every mode recomputes exactly.
+What the budget counts. A fraction (0.3) is of the decoder layers' activation peak without
+checkpointing; bytes ("12GiB") are absolute. The predicted peak (_peak) takes the layers in call
+order: layer i, in its forward and again in the backward that recomputes it, holds its working set
+(what it saves plus its temporaries) while the layers before it hold what they kept (in backward,
+the layers after it hold nothing any more). Parameters, gradients, optimizer state and what lies
+outside the layers (embeddings, logits) are not in it.
+
+Measuring. For each new input shape, the first training step runs every layer checkpointed (its
+gradients are those of any other step) and measures each layer (torchgc.layer_cost): two more
+forwards per layer, so that step costs about three forwards per layer instead of two and holds one
+layer's activations more at a time. The plan is made when the next step starts (the first layer
+measured is called again), cached per shape; after MAX_MEASURED_SHAPES shapes, a new shorter one
+reuses the plan of the nearest longer shape measured (a longer one is measured).
+
+Solving. choose_modes is a knapsack over the layers in order whose state is the bytes the layers
+before hold, solved exactly over the budget cut into _BYTE_UNITS (bytes rounded up, so the
+prediction only overstates). A budget that the fastest modes fit takes them without rounding
+(budget 1.0 is no checkpointing). A budget below every plan raises BudgetError when the next step
+starts, naming the smallest budget in bytes and as a fraction.
+
+Exactness. Every mode recomputes exactly, so gradients are those of no checkpointing. Inside a
+torch.compile region nothing can be measured: compiled layers are checkpointed whole, with a
+warning once. The plan is made per process; under torch.distributed each rank plans on its own.
 """
 
 import dataclasses
 import math
-import time
 import warnings
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
-from torch.multiprocessing.reductions import StorageWeakRef
-from torch.utils import _pytree as pytree
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils.checkpoint import CheckpointPolicy
 
-from torchgc import selective, strategies
+from torchgc.layer_calls import no_gradient_reaches
+from torchgc.layer_cost import LayerCost, free_layer, measure_layer
+from torchgc.measuring import mib
 
 MODES = ("none", "selective", "checkpoint", "offload")
 # Modes the planner may give a layer, by the strategy option: the strategy names the recompute.
@@ -44,22 +57,6 @@ _BYTE_UNITS = 2048  # the budget's resolution in the solver
 
 class BudgetError(ValueError):
     """A memory budget below the smallest activation memory any plan reaches for this batch."""
-
-
-@dataclasses.dataclass
-class LayerCost:
-    """One layer's measured costs at one input shape."""
-
-    name: str
-    kept_bytes: Dict[str, int]  # mode -> device bytes held for backward from forward until backward
-    extra_seconds: Dict[str, float]  # mode -> time the mode adds to the step (recompute, copies)
-    full_bytes: int  # everything the layer saves without checkpointing (= kept_bytes["none"])
-    # The most bytes the layer's forward holds at once: its input, what it saves and its
-    # temporaries (None: taken as full_bytes).
-    working_bytes: Optional[int] = None
-
-    def working(self) -> int:
-        return self.full_bytes if self.working_bytes is None else self.working_bytes
 
 
 @dataclasses.dataclass
@@ -165,22 +162,19 @@ def make_plan(shape, layers: List[LayerCost], budget, allowed: Tuple[str, ...]) 
         smallest = smallest_peak(layers, allowed)
         total = no_checkpoint_peak(layers) or 1
         raise BudgetError(
-            f"torchgc: memory_budget={budget!r} ({_mib(budget_bytes)}) is below the smallest activation memory this "
-            f"model reaches on inputs of shape {list(shape[0])}: {_mib(smallest)}, a fraction {math.ceil(1000 * smallest / total) / 1000:.3f} of "
-            f"its layers' {_mib(total)} without checkpointing (modes allowed: {', '.join(allowed)}); give a budget "
+            f"torchgc: memory_budget={budget!r} ({mib(budget_bytes, 2)} MiB) is below the smallest activation memory this "
+            f"model reaches on inputs of shape {list(shape[0])}: {mib(smallest, 2)} MiB, a fraction {math.ceil(1000 * smallest / total) / 1000:.3f} of "
+            f"its layers' {mib(total, 2)} MiB without checkpointing (modes allowed: {', '.join(allowed)}); give a budget "
             f"of at least that"
         )
     seconds = sum(layer.extra_seconds[m] for layer, m in zip(layers, modes))
     return Plan(shape, budget_bytes, layers, modes, _peak(layers, modes), seconds)
 
 
-def _mib(n: int) -> str:
-    return f"{n / 2**20:.2f} MiB"
-
-
 class Planner:
-    """The checkpoint function of a model under a memory budget: called as torchgc.checkpoint is,
-    it runs each layer in the mode its shape's plan gives it (measuring first, see the module)."""
+    """The chooser of modes under a memory budget, for a model's LayerCheckpoint: each layer call
+    gets the mode its input shape's plan gives its layer; a shape without a plan yet is measured
+    (see the module)."""
 
     def __init__(self, budget, strategy: str):
         self.budget, self.strategy = budget, strategy
@@ -189,23 +183,25 @@ class Planner:
         self.plans: Dict[Tuple, Plan] = {}
         self._modes: Dict[Tuple, Dict[int, str]] = {}
 
-    def __call__(self, function: Callable, *args, **kwargs):
-        if torch.compiler.is_compiling():
-            _warn_no_plan_when_compiled(self.strategy)
-            return strategies.checkpoint(function, *args, **kwargs)
-        module = strategies.owning_module(function)
+    def mode(self, module, function: Callable, args: tuple, kwargs: dict) -> Optional[str]:
+        """The mode of this layer call: its plan's; the strategy where no plan applies (no module,
+        no floating-point input); None while its shape is measured (checkpoint it, then measure)."""
         shape = _shape_key(args)
-        if module is None or shape is None or not torch.is_grad_enabled():
-            return strategies.checkpoint(function, *args, **kwargs)
+        if module is None or shape is None:
+            return self.strategy
         plan_modes = self._modes_for(shape, module)
-        if plan_modes is None:
-            out = strategies.checkpoint(function, *args, **{**kwargs, "strategy": "checkpoint"})
-            self._measure(shape, module, function, args, kwargs)
-            return out
-        mode = plan_modes.get(id(module), "checkpoint")
-        if mode == "none":
-            return function(*args, **_layer_kwargs(kwargs))
-        return strategies.checkpoint(function, *args, **{**kwargs, "strategy": mode})
+        return None if plan_modes is None else plan_modes.get(id(module), "checkpoint")
+
+    def measure(self, module, function: Callable, args: tuple, kwargs: dict) -> None:
+        """Measures one layer call of the measuring step (mode() returned None for it)."""
+        name = type(module).__name__
+        free = no_gradient_reaches(module, function, args, kwargs)
+        cost = free_layer(name) if free else measure_layer(name, module, function, args, kwargs)
+        self.costs.setdefault(_shape_key(args), {})[id(module)] = cost
+
+    def when_compiled(self) -> str:
+        _warn_no_plan_when_compiled(self.strategy)
+        return self.strategy
 
     def explain(self) -> dict:
         return {"memory_budget": self.budget, "modes_allowed": list(self.allowed),
@@ -228,15 +224,6 @@ class Planner:
                 return self._modes[min(longer, key=_tokens)]
         return None
 
-    def _measure(self, shape, module, function, args, kwargs) -> None:
-        layer_kwargs = _layer_kwargs(kwargs)
-        name = type(module).__name__
-        if strategies.no_gradient_reaches(module, function, args, layer_kwargs):
-            cost = LayerCost(name, {"none": 0}, {"none": 0.0}, 0)  # it keeps nothing, whatever the mode
-        else:
-            cost = measure_layer(name, module, function, args, layer_kwargs)
-        self.costs.setdefault(shape, {})[id(module)] = cost
-
 
 _warned_compiled = False
 
@@ -257,117 +244,6 @@ def _warn_no_plan_when_compiled(strategy: str) -> bool:
     return True
 
 
-def measure_layer(name: str, module: torch.nn.Module, function: Callable, args: tuple, kwargs: dict) -> LayerCost:
-    """Runs the layer's forward twice with grad on under a forked RNG, dropping the results: the
-    bytes autograd saves and the time (mode none, and the cost of a recompute), then the bytes and
-    time of the outputs the selective policy keeps."""
-    devices = sorted({a.device for a in pytree.tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)}, key=str)
-    sync = _synchronizer(devices)
-    shared = [*module.parameters(), *module.buffers(), *_tensors((kwargs, strategies.partial_keywords(function)))]
-    excluded = {t.untyped_storage().data_ptr() for t in shared}
-    inputs = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
-              for t in _tensors(args) if t.is_floating_point() and t.untyped_storage().data_ptr() not in excluded}
-    accelerators = [d for d in devices if d.type != "cpu"]
-    with torch.random.fork_rng(devices=[d for d in accelerators if d.type == "cuda"]), torch.enable_grad():
-        saved: Dict[int, int] = {}
-
-        def pack(tensor):
-            storage = tensor.untyped_storage()
-            if storage.data_ptr() not in excluded:
-                saved[storage.data_ptr()] = storage.nbytes()
-            return tensor
-
-        sync()
-        start = time.perf_counter()
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-            out = function(*args, **kwargs)
-        sync()
-        forward_seconds = time.perf_counter() - start
-        del out
-        probe = _ForwardProbe(sync, excluded, [t for t in _tensors(args) if t.untyped_storage().data_ptr() in inputs])
-        with probe:
-            out = function(*args, **kwargs)
-        del out
-    full = sum(saved.values())
-    input_bytes = sum(inputs.values())
-    kept = {"none": full, "checkpoint": input_bytes, "selective": input_bytes + probe.selected_bytes}
-    extra = {"none": 0.0, "checkpoint": forward_seconds, "selective": max(0.0, forward_seconds - probe.seconds)}
-    if accelerators:
-        kept["offload"] = 0
-        extra["offload"] = forward_seconds + _host_round_trip_seconds(args, sync)
-    return LayerCost(name, kept, extra, full, working_bytes=max(probe.peak_bytes, full))
-
-
-class _ForwardProbe(TorchDispatchMode):
-    """Watches one forward of a layer: the bytes of the outputs of the ops that the selective policy
-    saves (each storage once) and the time those ops take; and the most bytes the forward holds at
-    once (its inputs and every storage it made that is still alive, sampled after each op)."""
-
-    def __init__(self, sync, excluded, inputs: List[torch.Tensor]):
-        super().__init__()
-        self.sync, self.excluded = sync, excluded
-        self.live: Dict[int, tuple] = {}  # data_ptr -> (StorageWeakRef, bytes)
-        self.selected: Dict[int, tuple] = {}
-        self.selected_bytes = 0
-        self.seconds = 0.0
-        self._track(inputs, selected=False)
-        self.peak_bytes = sum(size for _, size in self.live.values())
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        selected = selective.policy(None, func, *args, **kwargs) is CheckpointPolicy.MUST_SAVE
-        if selected:
-            self.sync()
-            start = time.perf_counter()
-        out = func(*args, **kwargs)
-        if selected:
-            self.sync()
-            self.seconds += time.perf_counter() - start
-        self._track(_tensors(out), selected)
-        self.live = {ptr: entry for ptr, entry in self.live.items() if not entry[0].expired()}
-        self.peak_bytes = max(self.peak_bytes, sum(size for _, size in self.live.values()))
-        return out
-
-    def _track(self, tensors, selected: bool) -> None:
-        # By address, with a weak reference: an address seen before whose storage has died holds a
-        # new storage, which counts again.
-        for t in tensors:
-            storage = t.untyped_storage()
-            ptr = storage.data_ptr()
-            if ptr in self.excluded or not storage.nbytes():
-                continue
-            tables = (self.live, self.selected) if selected else (self.live,)
-            for table in tables:
-                entry = table.get(ptr)
-                if entry is None or entry[0].expired():
-                    table[ptr] = (StorageWeakRef(storage), storage.nbytes())
-                    if table is self.selected:
-                        self.selected_bytes += storage.nbytes()
-
-
-def _host_round_trip_seconds(args, sync) -> float:
-    """Offload's copies if none overlapped compute: each floating-point input to host and back."""
-    seconds = 0.0
-    for t in _tensors(args):
-        if t.is_floating_point() and t.device.type != "cpu":
-            host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-            sync()
-            start = time.perf_counter()
-            host.copy_(t)
-            t.new_empty(t.shape).copy_(host)
-            sync()
-            seconds += time.perf_counter() - start
-    return seconds
-
-
-def _layer_kwargs(kwargs: dict) -> dict:
-    return {k: v for k, v in kwargs.items() if k not in strategies.CHECKPOINT_KEYS}
-
-
-def _tensors(tree) -> List[torch.Tensor]:
-    return [t for t in pytree.tree_leaves(tree) if isinstance(t, torch.Tensor) and t.layout == torch.strided]
-
-
 def _shape_key(args) -> Optional[Tuple]:
     for a in args:
         if isinstance(a, torch.Tensor) and a.is_floating_point():
@@ -377,8 +253,3 @@ def _shape_key(args) -> Optional[Tuple]:
 
 def _tokens(shape) -> int:
     return math.prod(shape[0])
-
-
-def _synchronizer(devices) -> Callable[[], None]:
-    cuda = [d for d in devices if d.type == "cuda"]
-    return (lambda: [torch.cuda.synchronize(d) for d in cuda]) if cuda else (lambda: None)

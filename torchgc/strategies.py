@@ -1,36 +1,121 @@
-"""torchgc's checkpoint strategies: plain recompute, offload or selective, reentrant or not.
+"""torchgc's checkpoint: the object on a model's layers, and torchgc.checkpoint for one call.
 
-Every strategy is torch's own checkpoint underneath, so RNG replay, autocast and tuple outputs
-behave exactly as in torch; offloading adds saved-tensor hooks around the call (torchgc.offload),
-and selective adds torch's selective checkpoint contexts with torchgc's policy (torchgc.selective).
+A LayerCheckpoint is built once, from resolved options (config.Options), the keywords it passes to
+torch's checkpoint, and optionally a chooser of modes (torchgc.planner's Planner under a memory
+budget). transformers calls it as it calls torch.utils.checkpoint.checkpoint, once per layer call:
+it runs the call as is where no gradient is wanted, takes the layer's mode (the strategy option,
+or the chooser's), and hands the call to torchgc.modes, which ends in torch's checkpoint.
+torchgc.checkpoint(function, *args, **options) checks its options and builds the same object for
+that one call. Inside a region torch.compile traces, the call goes to torchgc.compiled.
 """
 
-import contextlib
-import functools
 import inspect
-import warnings
-from typing import Any, Callable, List, Optional
+from typing import Callable, Mapping, Optional, Protocol
 
 import torch
 import torch.utils.checkpoint
-from torch.utils import _pytree as pytree
 
-from torchgc import compiled, counters, selective
-from torchgc.config import DEFAULT_MIN_OFFLOAD_BYTES, STRATEGIES
-from torchgc.offload import OffloadPolicy, offload_hooks
+from torchgc import compiled, config, counters, modes
+from torchgc.layer_calls import any_tensor_requires_grad, is_frozen, owning_module, partial_keywords
+from torchgc.offload import ACCELERATORS, OffloadPolicy
 
-# Checks consulted before every reentrant call: check(module) returns why reentrant checkpointing
-# would go wrong for a layer of `module` (None: it would not). Integrations that know a training
-# stack's rules register theirs with add_reentrant_check, so this layer needs no knowledge of them.
-_reentrant_checks: List[Callable[[Optional[torch.nn.Module]], Optional[str]]] = []
+# The keywords of torch's checkpoint that torchgc passes through (use_reentrant is an option).
+TORCH_CHECKPOINT_KEYS = frozenset(
+    name for name, p in inspect.signature(torch.utils.checkpoint.checkpoint).parameters.items()
+    if p.kind in (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD) and name not in ("function", "use_reentrant")
+)
+# Every keyword a checkpoint call may carry that configures the checkpoint; the others are the layer's own.
+CHECKPOINT_KEYS = frozenset(config.CALL_OPTIONS) | TORCH_CHECKPOINT_KEYS
 
 
-def add_reentrant_check(check: Callable[[Optional[torch.nn.Module]], Optional[str]]) -> None:
-    """Registers ``check(module) -> reason or None``; a reason makes torchgc.checkpoint use the
-    non-reentrant form for that call, with a warning naming the reason. Registering the same
-    check twice has no effect."""
-    if check not in _reentrant_checks:
-        _reentrant_checks.append(check)
+class Chooser(Protocol):
+    """Gives each layer call a mode (a strategy, or "none": run it as is) while the layers' object
+    runs; torchgc.planner.Planner is one."""
+
+    def mode(self, module: Optional[torch.nn.Module], function: Callable, args: tuple, kwargs: dict) -> Optional[str]:
+        """The mode of this call, or None to checkpoint it and then call measure() with it."""
+
+    def measure(self, module: Optional[torch.nn.Module], function: Callable, args: tuple, kwargs: dict) -> None:
+        ...
+
+    def when_compiled(self) -> str:
+        """The strategy for a call inside a compiled region, where nothing can be measured."""
+
+
+class LayerCheckpoint:
+    """The checkpoint function that torchgc puts on a model's layers; called as torch's checkpoint.
+
+    ``options``: resolved options (use_reentrant a bool; the CALL_OPTIONS are read). ``torch_kwargs``:
+    keywords for torch's checkpoint (preserve_rng_state, context_fn, ...). ``chooser``: gives each
+    call its mode; None runs every call in the strategy option's. ``func`` and ``keywords`` say what
+    a call amounts to, as a functools.partial would: torchgc.checkpoint with these keywords (the
+    chooser, if any, picks each layer's strategy within keywords["strategy"]).
+    """
+
+    def __init__(self, options: config.Options, torch_kwargs: Optional[Mapping] = None, chooser: Optional[Chooser] = None):
+        self.options = options
+        self.torch_kwargs = dict(torch_kwargs or {})
+        self.chooser = chooser
+        self.keywords = {**{name: getattr(options, name) for name in config.CALL_OPTIONS}, **self.torch_kwargs}
+        self._offload_policies = _offload_policies(options)
+
+    @property
+    def func(self) -> Callable:
+        return checkpoint
+
+    def __repr__(self) -> str:
+        chooser = "" if self.chooser is None else f", chooser={self.chooser!r}"
+        return f"LayerCheckpoint({', '.join(f'{k}={v!r}' for k, v in self.keywords.items())}{chooser})"
+
+    def __call__(self, function: Callable, *args, **kwargs):
+        if kwargs and not CHECKPOINT_KEYS.isdisjoint(kwargs):
+            layer_kwargs = {k: v for k, v in kwargs.items() if k not in CHECKPOINT_KEYS}
+            return self._with_call_keywords(kwargs)(function, *args, **layer_kwargs)
+        if not torch.is_grad_enabled():
+            return function(*args, **kwargs)
+        if torch.compiler.is_compiling():
+            # Inline, not in a method of its own: each frame between the compiled layer and offload's
+            # eager calls (torchgc.compiled) costs one more graph break.
+            strategy = self.options.strategy if self.chooser is None else self.chooser.when_compiled()
+            policy = None if strategy == "selective" else self._offload_policies.get(strategy)
+            return compiled.checkpoint(function, args, kwargs, selective_policy=strategy == "selective",
+                                       offload=policy if modes.wants_offload(policy, args) else None, torch_kwargs=self.torch_kwargs)
+        module = owning_module(function)
+        mode = self.options.strategy if self.chooser is None else self.chooser.mode(module, function, args, kwargs)
+        if mode == "none":
+            return function(*args, **kwargs)
+        out = self._checkpointed("checkpoint" if mode is None else mode, module, function, args, kwargs)
+        if mode is None:
+            self.chooser.measure(module, function, args, kwargs)
+        return out
+
+    def _checkpointed(self, strategy: str, module: Optional[torch.nn.Module], function: Callable, args: tuple, kwargs: dict):
+        frozen = module is not None and is_frozen(module)
+        inputs_need_grad = any_tensor_requires_grad(args, kwargs, partial_keywords(function))
+        if self.options.only_trainable and frozen and not inputs_need_grad:  # no_gradient_reaches, each part computed once
+            counters.record_checkpoint(module, "frozen")
+            return function(*args, **kwargs)
+        strategy = modes.usable_strategy(strategy, module)
+        if strategy == "selective":
+            return modes.run_selective(function, args, kwargs, module=module, use_reentrant=self.options.use_reentrant,
+                                       torch_kwargs=self.torch_kwargs)
+        return modes.run_recompute(function, args, kwargs, module=module, frozen=frozen, inputs_need_grad=inputs_need_grad,
+                                   use_reentrant=self.options.use_reentrant, torch_kwargs=self.torch_kwargs,
+                                   offload=self._offload_policies.get(strategy))
+
+    def _with_call_keywords(self, kwargs: dict) -> "LayerCheckpoint":
+        """This object with the checkpoint keywords a call passes itself taking precedence, as they
+        would over a partial's."""
+        arguments = {**self.keywords, **{k: v for k, v in kwargs.items() if k in CHECKPOINT_KEYS}}
+        options = config.call_options("torchgc.checkpoint", arguments)
+        return LayerCheckpoint(options, {k: v for k, v in arguments.items() if k in TORCH_CHECKPOINT_KEYS}, self.chooser)
+
+
+def _offload_policies(options: config.Options) -> dict:
+    """The offload policy of each strategy that offloads."""
+    min_bytes = config.DEFAULT_MIN_OFFLOAD_BYTES if options.min_offload_bytes is None else options.min_offload_bytes
+    common = dict(min_bytes=min_bytes, prefetch=options.prefetch, max_host_bytes=options.max_host_bytes)
+    return {"offload": OffloadPolicy(devices=None, **common), "auto": OffloadPolicy(devices=ACCELERATORS, **common)}
 
 
 def checkpoint(
@@ -57,226 +142,12 @@ def checkpoint(
     graph, so it keeps nothing for backward). A frozen layer that gradients flow through (one above
     a trainable layer) and a layer without parameters are checkpointed like any other.
     max_host_bytes: offloading stops while this many host bytes are in use (None: no cap).
+    Other keywords of torch.utils.checkpoint.checkpoint (context_fn, ...) pass through to it.
     Inside a region that torch.compile traces, see torchgc.compiled.
     """
-    flags = {"use_reentrant": use_reentrant, "preserve_rng_state": preserve_rng_state, "only_trainable": only_trainable, "prefetch": prefetch}
-    _check_arguments(strategy, flags, min_offload_bytes, max_host_bytes)
-    if not torch.is_grad_enabled():
-        return function(*args, **kwargs)
-    if torch.compiler.is_compiling():
-        offload = None
-        if strategy != "selective" and _should_offload(strategy, args, min_offload_bytes):
-            offload = _offload_policy_arguments(strategy, min_offload_bytes, prefetch, max_host_bytes)
-        return compiled.checkpoint(function, args, kwargs, selective_policy=strategy == "selective", offload_policy=offload,
-                                   preserve_rng_state=preserve_rng_state, sac_hooks=_SAC_HOOKS)
-    module = owning_module(function)
-    frozen = module is not None and _is_frozen(module)
-    inputs_need_grad = _any_tensor_requires_grad(args, kwargs, partial_keywords(function))
-    if only_trainable and frozen and not inputs_need_grad:  # no_gradient_reaches, each part computed once
-        counters.record_checkpoint(module, "frozen")
-        return function(*args, **kwargs)
-
-    if strategy == "selective" and getattr(module, "_compiled_call_impl", None) is not None:
-        # Compiled code writes into buffers it reuses (out= kernels), which the selective policy
-        # would have cached for backward: torch raises "Tensor cached during selective activation
-        # checkpoint has been mutated".
-        warnings.warn(f"torchgc.checkpoint: strategy 'selective' cannot apply its policy inside {type(module).__name__}, "
-                      "compiled with .compile(); checkpointing the layer whole instead. For selective, compile the layer "
-                      "as layers[i] = torch.compile(layer), where the compiler applies the policy", stacklevel=2)
-        strategy = "checkpoint"
-    if strategy == "selective":
-        if "context_fn" in kwargs:
-            raise ValueError("torchgc.checkpoint: argument 'context_fn' cannot be combined with strategy 'selective', "
-                             f"which brings its own; got context_fn={kwargs['context_fn']!r}")
-        if use_reentrant:
-            # One warning per process under Python's default filter: the call site is always this line.
-            warnings.warn("torchgc.checkpoint: strategy 'selective' is built on torch's selective checkpoint contexts, which "
-                          "only the non-reentrant form supports; using non-reentrant checkpointing for these layers", stacklevel=2)
-            use_reentrant = False
-        counters.record_checkpoint(module, "selective")
-        return torch.utils.checkpoint.checkpoint(
-            function, *args, use_reentrant=False, preserve_rng_state=preserve_rng_state,
-            context_fn=selective.context_fn, **_SAC_HOOKS, **kwargs
-        )
-
-    if use_reentrant and module is not None and not frozen and not inputs_need_grad:
-        args = _with_an_input_requiring_grad(args)
-    reason = _reentrant_would_fail(args, module) if use_reentrant else None
-    if reason:
-        warnings.warn(f"torchgc.checkpoint: {reason}; using the non-reentrant form for this layer", stacklevel=2)
-        use_reentrant = False
-
-    lifted = []
-    if use_reentrant:
-        function, args, lifted = _lift_tensor_kwargs(function, args, kwargs)
-        kwargs = {}
-
-    hooks = contextlib.nullcontext()
-    if _should_offload(strategy, args, min_offload_bytes):
-        keep = _parameter_pointers(module) | {t.data_ptr() for t in lifted}
-        policy = OffloadPolicy(keep=frozenset(keep), **_offload_policy_arguments(strategy, min_offload_bytes, prefetch, max_host_bytes))
-        hooks = offload_hooks(policy)
-    counters.record_checkpoint(module, "checkpoint" if isinstance(hooks, contextlib.nullcontext) else "offload")
-    with hooks:
-        return torch.utils.checkpoint.checkpoint(
-            function, *args, use_reentrant=use_reentrant, preserve_rng_state=preserve_rng_state, **kwargs
-        )
-
-
-def owning_module(function: Callable) -> Optional[torch.nn.Module]:
-    """The module a layer call belongs to: a module itself, a bound method of one, or either inside
-    functools.partial (transformers' GradientCheckpointingLayer passes
-    ``partial(super().__call__, **kwargs)``; LLaMA-Factory issue #7699), or the module bound as
-    the first argument of a partial (transformers 5.23 passes ``partial(forward, self, **kwargs)``)."""
-    while isinstance(function, functools.partial):
-        if function.args and isinstance(function.args[0], torch.nn.Module) and _bound_module(function.func) is None:
-            return function.args[0]
-        function = function.func
-    return _bound_module(function)
-
-
-def _bound_module(function: Callable) -> Optional[torch.nn.Module]:
-    if isinstance(function, torch.nn.Module):
-        return function
-    owner = getattr(function, "__self__", None)
-    return owner if isinstance(owner, torch.nn.Module) else None
-
-
-# Every keyword a checkpoint call may carry that configures the checkpoint (torchgc's and torch's);
-# the others are the layer's own.
-CHECKPOINT_KEYS = frozenset(
-    name
-    for fn in (checkpoint, torch.utils.checkpoint.checkpoint)
-    for name, p in inspect.signature(fn).parameters.items()
-    if p.kind in (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD) and name != "function"
-)
-
-_ACCELERATORS = frozenset({"cuda", "xpu", "hpu", "mtia", "privateuseone"})
-# Where torch has the switch, the outputs selective keeps pass through the saved-tensor hooks around
-# the layer (save_on_cpu, a memory counter) like every other saved tensor; torch's old default
-# bypasses them, and warns that it will change.
-_SAC_HOOKS = (
-    {"respect_saved_tensors_hooks": True}
-    if "respect_saved_tensors_hooks" in inspect.signature(torch.utils.checkpoint.checkpoint).parameters else {}
-)
-
-
-def _check_arguments(strategy, flags, min_offload_bytes, max_host_bytes) -> None:
-    if strategy not in STRATEGIES:
-        raise ValueError(f"torchgc.checkpoint: argument 'strategy' must be one of {', '.join(STRATEGIES)}; got {strategy!r}")
-    for name, value in flags.items():
-        if not isinstance(value, bool):
-            raise ValueError(f"torchgc.checkpoint: argument '{name}' must be True or False; got {value!r}")
-    for name, value in (("min_offload_bytes", min_offload_bytes), ("max_host_bytes", max_host_bytes)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
-            raise ValueError(f"torchgc.checkpoint: argument '{name}' must be None or an int >= 0; got {value!r}")
-
-
-def no_gradient_reaches(module: torch.nn.Module, function: Callable, args: tuple, kwargs: dict) -> bool:
-    """True for a layer call that builds no graph: every parameter frozen, no input requiring grad."""
-    return _is_frozen(module) and not _any_tensor_requires_grad(args, kwargs, partial_keywords(function))
-
-
-def _is_frozen(module: torch.nn.Module) -> bool:
-    # A parameter-free block (an attention core, an activation stack) is not frozen: its
-    # activations are as large as any layer's, and checkpointing it saves them.
-    has_parameters = False
-    for p in module.parameters():
-        if p.requires_grad:
-            return False
-        has_parameters = True
-    return has_parameters
-
-
-def _reentrant_would_fail(args, module: Optional[torch.nn.Module]) -> Optional[str]:
-    """Why reentrant checkpointing would go wrong for this call, if it would; the non-reentrant
-    form gives the correct gradients in both cases."""
-    if module is not None and not _is_frozen(module) and not _any_tensor_requires_grad(args):
-        # Reentrant checkpoint drops every parameter gradient when no input requires grad, and this
-        # layer has no floating-point input to lend one (see _with_an_input_requiring_grad).
-        return "no input requires grad, so reentrant checkpointing would lose the layer's parameter gradients"
-    for check in _reentrant_checks:
-        reason = check(module)
-        if reason:
-            return reason
-    return None
-
-
-def _with_an_input_requiring_grad(args: tuple) -> tuple:
-    """Reentrant checkpoint computes no parameter gradient when no input requires grad (frozen
-    embeddings under LoRA, the first trainable layer of freeze tuning). No gradient can flow below
-    such a call, so giving it a detached view of its first floating-point input that requires grad
-    changes nothing else: the view shares storage and version counter with the input (no copy, and
-    an in-place change is still caught), and the gradient backward computes for it is dropped."""
-    for i, a in enumerate(args):
-        if isinstance(a, torch.Tensor) and a.is_floating_point():
-            return (*args[:i], a.detach().requires_grad_(), *args[i + 1:])
-    return args
-
-
-def _parameter_pointers(module: Optional[torch.nn.Module]) -> set:
-    if module is None:
-        return set()
-    tensors = list(module.parameters()) + list(module.buffers())
-    return {t.data_ptr() for t in tensors}
-
-
-def _any_tensor_requires_grad(*trees) -> bool:
-    return any(isinstance(t, torch.Tensor) and t.requires_grad for t in pytree.tree_leaves(trees))
-
-
-def partial_keywords(function: Callable) -> list:
-    """The keywords bound by functools.partial around ``function`` (transformers binds a layer's
-    keyword inputs that way)."""
-    keywords = []
-    while isinstance(function, functools.partial):
-        keywords.append(function.keywords)
-        function = function.func
-    return keywords
-
-
-def _should_offload(strategy: str, args, min_offload_bytes: Optional[int]) -> bool:
-    if strategy == "checkpoint":
-        return False
-    if strategy == "offload":
-        return True
-    threshold = DEFAULT_MIN_OFFLOAD_BYTES if min_offload_bytes is None else min_offload_bytes
-    return any(
-        isinstance(a, torch.Tensor) and a.device.type in _ACCELERATORS and a.numel() * a.element_size() >= threshold
-        for a in args
-    )
-
-
-def _offload_policy_arguments(strategy: str, min_offload_bytes: Optional[int], prefetch: bool, max_host_bytes: Optional[int]) -> dict:
-    return {
-        "min_bytes": DEFAULT_MIN_OFFLOAD_BYTES if min_offload_bytes is None else min_offload_bytes,
-        "devices": None if strategy == "offload" else _ACCELERATORS,
-        "prefetch": prefetch,
-        "max_host_bytes": max_host_bytes,
-    }
-
-
-def _lift_tensor_kwargs(function: Callable, args: tuple, kwargs: dict):
-    """Reentrant checkpoint takes no kwargs, and tensors bound in a partial would get their
-    gradients outside the checkpoint's graph. Moves every tensor found in kwargs, and in a
-    partial's keywords when one requires grad, to trailing positional args, and rebuilds the
-    keywords inside the call. Returns (function, args, lifted tensors)."""
-    bound = {}
-    if isinstance(function, functools.partial) and not function.args:
-        if any(isinstance(t, torch.Tensor) and t.requires_grad for t in pytree.tree_leaves(function.keywords)):
-            bound, function = dict(function.keywords), function.func
-    keywords = {**bound, **kwargs}
-    if not keywords:
-        return function, args, []
-    leaves, spec = pytree.tree_flatten(keywords)
-    tensor_slots = [i for i, leaf in enumerate(leaves) if isinstance(leaf, torch.Tensor)]
-    lifted = [leaves[i] for i in tensor_slots]
-    n_args = len(args)
-
-    def call_with_keywords(*all_args: Any):
-        rebuilt = list(leaves)
-        for slot, tensor in zip(tensor_slots, all_args[n_args:]):
-            rebuilt[slot] = tensor
-        return function(*all_args[:n_args], **pytree.tree_unflatten(rebuilt, spec))
-
-    return call_with_keywords, (*args, *lifted), lifted
+    arguments = dict(strategy=strategy, use_reentrant=use_reentrant, preserve_rng_state=preserve_rng_state, only_trainable=only_trainable,
+                     prefetch=prefetch, min_offload_bytes=min_offload_bytes, max_host_bytes=max_host_bytes)
+    options = config.call_options("torchgc.checkpoint", arguments)
+    torch_kwargs = {"preserve_rng_state": preserve_rng_state, **{k: v for k, v in kwargs.items() if k in TORCH_CHECKPOINT_KEYS}}
+    layer_kwargs = {k: v for k, v in kwargs.items() if k not in TORCH_CHECKPOINT_KEYS}
+    return LayerCheckpoint(options, torch_kwargs)(function, *args, **layer_kwargs)

@@ -41,7 +41,7 @@ def _patch() -> None:
     import torchgc
 
     torchgc.patch()
-    report = os.environ.get("TORCHGC_REPORT")  # torchgc run --report
+    report = os.environ.get(torchgc.config.REPORT_VARIABLE)  # torchgc run --report
     if report:
         atexit.register(torchgc.counters.write_report, report)
 

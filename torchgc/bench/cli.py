@@ -89,40 +89,15 @@ def fail(message: str, command: str = "bench") -> int:
 
 def main(argv=None, args=None) -> int:
     args = args or build_parser().parse_args(argv)
-    kinds = [s.strip() for s in args.strategies.split(",") if s.strip()]
-    unknown = [k for k in kinds if k not in STRATEGY_KINDS]
-    if unknown or not kinds:
-        return fail(f"--strategies: unknown {', '.join(unknown) or '(none given)'}; expected a subset of {', '.join(STRATEGY_KINDS)}")
-    try:
-        seq_lens = [int(s) for s in args.seq_lens.split(",") if s.strip()]
-    except ValueError:
-        return fail(f"--seq-lens: expected comma-separated integers, got {args.seq_lens!r}")
-    try:
-        budgets = [float(s) for s in args.memory_budgets.split(",") if s.strip()]
-    except ValueError:
-        budgets = [-1.0]
-    if any(not 0 < b <= 1 for b in budgets):
-        return fail(f"--memory-budgets: expected comma-separated fractions in (0, 1], got {args.memory_budgets!r}")
-    if budgets and "torchgc-auto" not in kinds:
-        kinds.append("torchgc-auto")
-    try:
-        every = [int(s) for s in args.every_n_layers.split(",") if s.strip()]
-    except ValueError:
-        every = [0]
-    if any(n < 1 for n in every):
-        return fail(f"--every-n-layers: expected comma-separated integers >= 1, got {args.every_n_layers!r}")
-    if every and "torchgc-checkpoint" not in kinds:
-        kinds.append("torchgc-checkpoint")
-    compile_modes = [s.strip() for s in args.compile.split(",") if s.strip()]
-    if not compile_modes or any(m not in COMPILE_MODES for m in compile_modes):
-        return fail(f"--compile: expected a comma-separated subset of {', '.join(COMPILE_MODES)}, got {args.compile!r}")
-    checked = [("--batch-size", args.batch_size), ("--steps", args.steps), ("--rounds", args.rounds)]
-    for name, value in checked:
+    lists = _lists(args)
+    if isinstance(lists, str):
+        return fail(lists)
+    kinds, seq_lens, budgets, every, compile_modes = lists
+    for name, value in [("--batch-size", args.batch_size), ("--steps", args.steps), ("--rounds", args.rounds)]:
         if value < 1:
             return fail(f"{name}: expected an integer >= 1, got {value}")
     if args.warmup < 0:
         return fail(f"--warmup: expected an integer >= 0, got {args.warmup}")
-
     model_spec, config_dict = model_source(args)
     if isinstance(model_spec, str):
         return fail(model_spec)
@@ -130,14 +105,11 @@ def main(argv=None, args=None) -> int:
     bad = [s for s in seq_lens if s < 1 or (max_len and s > max_len)]
     if bad or not seq_lens:
         return fail(f"--seq-lens: expected lengths between 1 and the model's maximum {max_len}, got {bad or '(none)'}")
-
     device = pick_device(args.device)
     if device.startswith("--device"):
         return fail(device)
-
     runs = [r for r in default_runs(fused_norm=not args.no_fused_norm, freeze=not args.no_freeze, memory_budgets=budgets, every_n_layers=every,
                                      compile_modes=compile_modes) if r.kind in kinds]
-
     try:
         results = sweep(model_spec, runs, seq_lens, device=device, batch_size=args.batch_size, steps=args.steps, warmup=args.warmup,
                         rounds=args.rounds, progress=not args.quiet)
@@ -147,3 +119,38 @@ def main(argv=None, args=None) -> int:
     written = report.write(results, Path(args.out), device=device, settings=settings)
     print(f"\n{written}")
     return 0
+
+
+def _lists(args: argparse.Namespace):
+    """The comma-separated arguments, parsed and checked: (strategy kinds, sequence lengths,
+    budgets, every_n_layers values, compile modes), or an error message. A budget adds the
+    torchgc-auto runs it needs, an every_n_layers value the torchgc-checkpoint ones."""
+    kinds = [s.strip() for s in args.strategies.split(",") if s.strip()]
+    unknown = [k for k in kinds if k not in STRATEGY_KINDS]
+    if unknown or not kinds:
+        return f"--strategies: unknown {', '.join(unknown) or '(none given)'}; expected a subset of {', '.join(STRATEGY_KINDS)}"
+    try:
+        seq_lens = [int(s) for s in args.seq_lens.split(",") if s.strip()]
+    except ValueError:
+        return f"--seq-lens: expected comma-separated integers, got {args.seq_lens!r}"
+    budgets = _numbers(args.memory_budgets, float)
+    if budgets is None or any(not 0 < b <= 1 for b in budgets):
+        return f"--memory-budgets: expected comma-separated fractions in (0, 1], got {args.memory_budgets!r}"
+    every = _numbers(args.every_n_layers, int)
+    if every is None or any(n < 1 for n in every):
+        return f"--every-n-layers: expected comma-separated integers >= 1, got {args.every_n_layers!r}"
+    compile_modes = [s.strip() for s in args.compile.split(",") if s.strip()]
+    if not compile_modes or any(m not in COMPILE_MODES for m in compile_modes):
+        return f"--compile: expected a comma-separated subset of {', '.join(COMPILE_MODES)}, got {args.compile!r}"
+    if budgets and "torchgc-auto" not in kinds:
+        kinds.append("torchgc-auto")
+    if every and "torchgc-checkpoint" not in kinds:
+        kinds.append("torchgc-checkpoint")
+    return kinds, seq_lens, budgets, every, compile_modes
+
+
+def _numbers(text: str, kind):
+    try:
+        return [kind(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        return None

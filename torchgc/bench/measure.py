@@ -1,21 +1,15 @@
-"""Measurements shared by `torchgc bench` and benchmarks/: timing, process memory, and the bytes
-the autograd graph holds for backward. Nothing here imports transformers."""
+"""Measurements shared by `torchgc bench`, `torchgc plan` and benchmarks/: timing, process memory,
+the bytes the autograd graph holds for backward, and the decoder layers' activations. Nothing
+here imports transformers. Device synchronization and storage tracking are torchgc.measuring's."""
 
 import functools
 import resource
 import statistics
 import time
-from typing import Callable, Dict, List, Optional
+from typing import Callable, List, Optional
 
 import torch
-
-
-def synchronizer(device) -> Callable[[], None]:
-    """What makes the host wait for `device`'s queued work, so a timer sees the work itself."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return lambda: torch.cuda.synchronize(device)
-    return lambda: None
+from torchgc.measuring import LiveStorages, strided_tensors
 
 
 def timed_calls(fn: Callable[[], object], *, repeats: int, warmup: int = 0, sync: Optional[Callable[[], None]] = None,
@@ -81,28 +75,16 @@ def saved_for_backward_bytes(model, inputs: dict) -> int:
     parameters, buffers and the batch, which stay resident regardless, and the RNG state that a
     checkpoint keeps (about 5 KiB a layer), which is no activation.
     """
-    from torch.multiprocessing.reductions import StorageWeakRef
-    from torch.utils import _pytree as pytree
-
     kept_anyway = [*model.parameters(), *model.buffers(), *inputs.values()]
-    excluded = {t.untyped_storage().data_ptr() for t in kept_anyway}
-    # By address: a storage recorded at an address that a later one reuses has been freed.
-    candidates = {}
-
-    def record(tensor):
-        if isinstance(tensor, torch.Tensor) and tensor.layout == torch.strided:
-            storage = tensor.untyped_storage()
-            if storage.nbytes() and storage.data_ptr() not in excluded:
-                candidates[storage.data_ptr()] = (StorageWeakRef(storage), storage.nbytes())
+    candidates = LiveStorages(excluded={t.untyped_storage().data_ptr() for t in kept_anyway})
 
     def pack(tensor):
-        record(tensor)
+        candidates.add(strided_tensors(tensor))
         # Detached: a saved output holding its own grad_fn would be a cycle that outlives a failed step.
         return tensor.detach()
 
     def record_inputs(module, args, kwargs):
-        for leaf in pytree.tree_leaves((args, kwargs)):
-            record(leaf)
+        candidates.add(strided_tensors((args, kwargs)))
 
     handles = [m.register_forward_pre_hook(record_inputs, with_kwargs=True) for m in model.modules()]
     try:
@@ -111,7 +93,7 @@ def saved_for_backward_bytes(model, inputs: dict) -> int:
     finally:
         for handle in handles:
             handle.remove()
-    nbytes = sum(size for ref, size in candidates.values() if not ref.expired())
+    nbytes = candidates.live_bytes()
     loss.backward()
     return nbytes
 
@@ -135,7 +117,7 @@ class LayerActivations:
         self.peak_bytes = 0
         self.kept_at_forward_end: List[int] = [0] * len(layers)
         self.recompute_seconds: List[float] = [0.0] * len(layers)
-        self._live: Dict[int, tuple] = {}  # data_ptr -> (StorageWeakRef, bytes, layer index)
+        self._live = LiveStorages()  # tagged with the index of the layer they belong to
         self._stack: List[tuple] = []  # (layer index, start time) of the layers running
         self._backward = False
         self._handles = []
@@ -154,10 +136,9 @@ class LayerActivations:
             self._mode.__enter__()
 
     def forward_done(self) -> None:
-        self._prune()
-        self.kept_at_forward_end = [0] * len(self.kept_at_forward_end)
-        for _, size, index in self._live.values():
-            self.kept_at_forward_end[index] += size
+        self._live.prune()
+        by_layer = self._live.live_bytes_by_tag()
+        self.kept_at_forward_end = [by_layer.get(index, 0) for index in range(len(self.kept_at_forward_end))]
         self._backward = True
 
     def close(self) -> None:
@@ -178,7 +159,7 @@ class LayerActivations:
         if self._backward:
             self.sync()
         self._stack.append((index, time.perf_counter()))
-        self._record([t for t in _tensor_leaves(args) if t.is_floating_point()], index)
+        self._live.add([t for t in strided_tensors(args) if t.is_floating_point()], index)
 
     def _leave(self, module, args, output):
         index, start = self._stack.pop()
@@ -189,25 +170,8 @@ class LayerActivations:
     def _dispatch(self, func, args, kwargs):
         out = func(*args, **kwargs)
         if self._stack:
-            used = {t.untyped_storage().data_ptr() for t in _tensor_leaves((args, kwargs))}
-            self._record([t for t in _tensor_leaves(out) if t.untyped_storage().data_ptr() not in used], self._stack[-1][0])
-        self._prune()
-        self.peak_bytes = max(self.peak_bytes, sum(size for _, size, _ in self._live.values()))
+            used = {t.untyped_storage().data_ptr() for t in strided_tensors((args, kwargs))}
+            made = [t for t in strided_tensors(out) if t.untyped_storage().data_ptr() not in used]
+            self._live.add(made, self._stack[-1][0])
+        self.peak_bytes = max(self.peak_bytes, self._live.prune())
         return out
-
-    def _record(self, tensors, index: int) -> None:
-        from torch.multiprocessing.reductions import StorageWeakRef
-
-        for t in tensors:
-            storage = t.untyped_storage()
-            if storage.nbytes():
-                self._live[storage.data_ptr()] = (StorageWeakRef(storage), storage.nbytes(), index)
-
-    def _prune(self) -> None:
-        self._live = {ptr: entry for ptr, entry in self._live.items() if not entry[0].expired()}
-
-
-def _tensor_leaves(tree) -> List[torch.Tensor]:
-    from torch.utils import _pytree as pytree
-
-    return [t for t in pytree.tree_leaves(tree) if isinstance(t, torch.Tensor) and t.layout == torch.strided]

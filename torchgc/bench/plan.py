@@ -18,6 +18,7 @@ from typing import Optional
 from torchgc import config
 from torchgc.bench import measure
 from torchgc.bench.cli import add_model_arguments, fail, model_source, pick_device
+from torchgc.measuring import mib, synchronizer
 
 DESCRIPTION = ("the per-layer checkpointing plan a memory budget gives a model at one batch shape, with the "
                "bytes and times the planner predicted and those a step under the plan measured")
@@ -83,7 +84,8 @@ def _run(model_spec: dict, device, args):
     was measured."""
     import torch
 
-    from torchgc.bench.worker import build_model, decoder_layers
+    from torchgc.bench.worker import build_model
+    from torchgc.integrations.transformers_layers import decoder_layers
 
     model = build_model(model_spec, device)
     model.gradient_checkpointing_enable()
@@ -91,7 +93,7 @@ def _run(model_spec: dict, device, args):
     generator = torch.Generator().manual_seed(0)
     input_ids = torch.randint(0, model.config.vocab_size, (args.batch_size, args.seq_len), generator=generator).to(device)
     inputs = {"input_ids": input_ids, "labels": input_ids}
-    sync = measure.synchronizer(device)
+    sync = synchronizer(device)
 
     def step(watch: Optional[measure.LayerActivations] = None):
         loss = model(**inputs).loss
@@ -117,7 +119,6 @@ def _run(model_spec: dict, device, args):
     }
 
 def render(model_name: str, device: str, args, plan: dict, measured: dict) -> str:
-    mib = lambda n: f"{n / 2**20:.1f}"  # noqa: E731
     lines = [
         f"torchgc plan: {model_name}, {len(plan['layers'])} layers, batch {args.batch_size} x {args.seq_len} tokens, {device}, "
         f"memory_budget {args.memory_budget} = {mib(plan['budget_bytes'])} MiB "

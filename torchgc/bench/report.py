@@ -10,16 +10,13 @@ from pathlib import Path
 from typing import List, Optional
 
 from torchgc.bench.configs import BASELINE, RunResult
+from torchgc.measuring import mib
 
 
 def _ratio(result: RunResult, base: Optional[RunResult], attribute: str) -> str:
     base_value = getattr(base, attribute) if base else 0
     value = getattr(result, attribute)
     return f"{value / base_value:6.3f}" if value is not None and base_value else "     -"
-
-
-def _mib(n: Optional[int]) -> str:
-    return "-" if n is None else f"{n / 2**20:.1f}"
 
 
 def format_table(results: List[RunResult]) -> str:
@@ -35,9 +32,9 @@ def format_table(results: List[RunResult]) -> str:
             grad = "bitwise equal" if r.grads_bitwise_equal else f"{r.grad_max_abs_diff:.2e}"
         lines.append(
             f"{r.config.name:50} {r.seq_len:6d} {r.step_seconds:8.3f} {_ratio(r, base, 'step_seconds')} "
-            f"{r.peak_activation_bytes / 2**20:13.1f} {_ratio(r, base, 'peak_activation_bytes')} "
-            f"{_mib(r.saved_for_backward_bytes):>10} {_ratio(r, base, 'saved_for_backward_bytes')} "
-            f"{r.host_offloaded_bytes / 2**20:9.1f} {'-' if r.compile_seconds is None else f'{r.compile_seconds:.1f}':>9} {grad:>15}"
+            f"{mib(r.peak_activation_bytes):>13} {_ratio(r, base, 'peak_activation_bytes')} "
+            f"{mib(r.saved_for_backward_bytes):>10} {_ratio(r, base, 'saved_for_backward_bytes')} "
+            f"{mib(r.host_offloaded_bytes):>9} {'-' if r.compile_seconds is None else f'{r.compile_seconds:.1f}':>9} {grad:>15}"
         )
     return "\n".join(lines)
 
@@ -53,11 +50,11 @@ def fixed_patterns_against_plans(results: List[RunResult]) -> str:
         patterns = [r for r in rows if not r.config.use_reentrant and (r.config.kind == "hf" or (r.config.kind == "torchgc-checkpoint"))]
         for pattern in patterns if plans else []:
             within = [p for p in plans if p.peak_activation_bytes <= pattern.peak_activation_bytes]
-            line = f"seq {seq_len:6d}  {pattern.config.name:50} peak {pattern.peak_activation_bytes / 2**20:8.1f} MiB, step {pattern.step_seconds:7.3f} s"
+            line = f"seq {seq_len:6d}  {pattern.config.name:50} peak {mib(pattern.peak_activation_bytes):>8} MiB, step {pattern.step_seconds:7.3f} s"
             if within:
                 best = min(within, key=lambda p: p.step_seconds)
                 line += (f" | fastest plan within that peak: budget {best.config.memory_budget:g}, peak "
-                         f"{best.peak_activation_bytes / 2**20:8.1f} MiB, step {best.step_seconds:7.3f} s = "
+                         f"{mib(best.peak_activation_bytes):>8} MiB, step {best.step_seconds:7.3f} s = "
                          f"{best.step_seconds / pattern.step_seconds:5.3f}x")
             else:
                 line += " | no plan measured within that peak"

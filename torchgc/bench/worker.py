@@ -7,13 +7,14 @@ the model resolved and which function its layers checkpoint with, so a reader (a
 can see that the public path ran.
 """
 
-import functools
 import statistics
 
 import torch
 
 from torchgc.bench import measure
 from torchgc.bench.configs import RunConfig
+from torchgc.integrations.transformers_layers import decoder_layers
+from torchgc.measuring import synchronizer
 
 
 def build_model(spec: dict, device):
@@ -28,11 +29,6 @@ def build_model(spec: dict, device):
         model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.config.use_cache = False
     return model.to(device).train()
-
-
-def decoder_layers(model):
-    lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m) > 0]
-    return max(lists, key=len) if lists else []
 
 
 def apply_config(model, config: RunConfig) -> list:
@@ -67,29 +63,28 @@ def compile_for_run(model, mode: str):
         torch._inductor.config.fx_graph_cache = False
         torch._functorch.config.enable_autograd_cache = False
     if mode == "regional":
-        layers = decoder_layers(model)
-        for i, layer in enumerate(layers):
-            layers[i] = torch.compile(layer)
+        _compile_each(model, decoder_layers(model))
     return torch.compile(model) if mode == "model" else model
+
+
+def _compile_each(model, layers) -> None:
+    """Replaces each of ``layers`` with torch.compile(layer) where its parent holds it."""
+    wanted = {id(layer) for layer in layers}
+    places = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children() if id(child) in wanted]
+    for parent, name, child in places:
+        setattr(parent, name, torch.compile(child))
 
 
 def describe_checkpointing(model) -> dict:
     """Which enable function the model resolves, and which function (with which options) its
     layers checkpoint with; None for a run without checkpointing."""
-    enable = type(model).gradient_checkpointing_enable
-    functions = {id(m._gradient_checkpointing_func): m._gradient_checkpointing_func
-                 for m in model.modules() if getattr(m, "gradient_checkpointing", False)}
-    if not functions:
+    import torchgc
+
+    checkpointed_with = torchgc.explain(model).get("checkpointed_with")
+    if checkpointed_with is None:
         return {"enabled_with": None, "checkpointed_with": None}
-    described = []
-    for function in functions.values():
-        options = ""
-        if isinstance(function, functools.partial):
-            options = "(" + ", ".join(f"{k}={v!r}" for k, v in sorted(function.keywords.items())) + ")"
-            function = function.func
-        qualname = getattr(function, "__qualname__", type(function).__qualname__)  # a Planner is an instance
-        described.append(f"{function.__module__}.{qualname}{options}")
-    return {"enabled_with": f"{enable.__module__}.{enable.__qualname__}", "checkpointed_with": " | ".join(sorted(described))}
+    enable = type(model).gradient_checkpointing_enable
+    return {"enabled_with": f"{enable.__module__}.{enable.__qualname__}", "checkpointed_with": checkpointed_with}
 
 
 def run(spec: dict) -> dict:
@@ -105,30 +100,60 @@ def run(spec: dict) -> dict:
     trainable = apply_config(model, config)
     for p in trainable:
         p.grad = torch.zeros_like(p)
-    optimizer = torch.optim.SGD(trainable, lr=1e-4)
     generator = torch.Generator().manual_seed(1)
     input_ids = torch.randint(0, model.config.vocab_size, (spec["batch_size"], spec["seq_len"]), generator=generator).to(device)
     inputs = {"input_ids": input_ids, "labels": input_ids}
-
-    sync = measure.synchronizer(device)
+    sync = synchronizer(device)
     forward = compile_for_run(model, config.compile)
-    compile_seconds = None
+    first_seconds = None
     if config.compile != "none":  # the first step compiles: timed apart from the steps
-        first = measure.timed_calls(lambda: forward(**inputs).loss.backward(), repeats=1, sync=sync)[0]
+        first_seconds = measure.timed_calls(lambda: forward(**inputs).loss.backward(), repeats=1, sync=sync)[0]
         for p in trainable:
             p.grad.zero_()
     if config.memory_budget is not None:
         # The planner's measuring step (every layer checkpointed), before the memory baseline, so
-        # that what follows measures the plan. Its cost is the README's ("A memory budget").
+        # that what follows measures the plan. Its cost is in torchgc.planner's docstring.
         model(**inputs).loss.backward()
+    base = _memory_baseline(device, sync)
+    saved_bytes = measure.saved_for_backward_bytes(model, inputs) if config.compile == "none" else None
+    times, observed = _timed_steps(model, forward, inputs, torch.optim.SGD(trainable, lr=1e-4), spec, sync)
+    median = statistics.median(times)
+    return {
+        "step_seconds": median,
+        "step_seconds_all": times,
+        **_peak_memory(device, base),
+        "host_offloaded_bytes": observed["host_bytes"],
+        "saved_for_backward_bytes": saved_bytes,
+        "compile_seconds": None if first_seconds is None else max(0.0, first_seconds - median),
+        "loss": observed["first_loss"],
+        "grads_file": spec["grads_file"],
+        "plan_modes": [layer["mode"] for layer in plans[-1]["layers"]] if (plans := torchgc.explain(model).get("plans")) else None,
+        **describe_checkpointing(model),
+    }
+
+
+def _memory_baseline(device, sync) -> int:
+    """What the process holds before the steps (parameters, gradients, optimizer state), with the
+    peak counters reset."""
     if device.type == "cuda":
         sync()
-        base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
-    else:
-        measure.reset_peak_rss()
-        base = measure.rss_bytes()
-    saved_bytes = measure.saved_for_backward_bytes(model, inputs) if config.compile == "none" else None
+        return torch.cuda.memory_allocated()
+    measure.reset_peak_rss()
+    return measure.rss_bytes()
+
+
+def _peak_memory(device, base: int) -> dict:
+    if device.type == "cuda":
+        return {"peak_activation_bytes": torch.cuda.max_memory_allocated() - base, "peak_reserved_bytes": torch.cuda.max_memory_reserved()}
+    return {"peak_activation_bytes": measure.peak_rss_bytes() - base, "peak_reserved_bytes": None}
+
+
+def _timed_steps(model, forward, inputs: dict, optimizer, spec: dict, sync):
+    """Warm-up and timed optimizer steps: their seconds, and what they observed (the most host
+    memory offloading held, the first step's loss; its gradients go to spec["grads_file"])."""
+    import torchgc
+
     observed = {"host_bytes": 0, "loss": None}
 
     def step():
@@ -145,22 +170,4 @@ def run(spec: dict) -> dict:
             torch.save({n: p.grad.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}, spec["grads_file"])
 
     times = measure.timed_calls(step, repeats=spec["steps"], warmup=spec["warmup"], sync=sync, after=after)
-    if config.compile != "none":
-        compile_seconds = max(0.0, first - statistics.median(times))
-    if device.type == "cuda":
-        peak, reserved = torch.cuda.max_memory_allocated() - base, torch.cuda.max_memory_reserved()
-    else:
-        peak, reserved = measure.peak_rss_bytes() - base, None
-    return {
-        "step_seconds": statistics.median(times),
-        "step_seconds_all": times,
-        "peak_activation_bytes": peak,
-        "peak_reserved_bytes": reserved,
-        "host_offloaded_bytes": observed["host_bytes"],
-        "saved_for_backward_bytes": saved_bytes,
-        "compile_seconds": compile_seconds,
-        "loss": observed["first_loss"],
-        "grads_file": spec["grads_file"],
-        "plan_modes": [layer["mode"] for layer in plans[-1]["layers"]] if (plans := torchgc.explain(model).get("plans")) else None,
-        **describe_checkpointing(model),
-    }
+    return times, observed

@@ -55,7 +55,7 @@ def uses_fsdp2(model: torch.nn.Module) -> bool:
 
 def ddp_reentrant_conflict(module: Optional[torch.nn.Module] = None) -> Optional[str]:
     """Why reentrant checkpointing would fail inside the DistributedDataParallel forward running
-    now, if it would (for torchgc.strategies.add_reentrant_check)."""
+    now, if it would (for torchgc.modes.add_reentrant_check)."""
     if not torch.distributed.is_available():
         return None
     ddp = torch.nn.parallel.DistributedDataParallel._get_active_ddp_module()

@@ -7,7 +7,8 @@ LLaMA-Factory 0.9.5 prepares every model in
 class-level one. So ``route()`` (called by torchgc.patch()) replaces the function in both modules
 with this module's ``prepare_model_for_training``, which reads the same flags from ``model_args``;
 when llamafactory is not imported yet, it does so as soon as the module loads (an import hook).
-``unroute()`` (torchgc.unpatch()) puts LLaMA-Factory's function back.
+``unroute()`` (torchgc.unpatch()) puts LLaMA-Factory's function back. The front door registers
+the two with torchgc.patching, which calls them with the options that patch() resolved.
 
 Flags, read from model_args with LLaMA-Factory's defaults:
 - use_unsloth_gc: torchgc's offload strategy (on any device);
@@ -16,7 +17,8 @@ Flags, read from model_args with LLaMA-Factory's defaults:
   activation dtype, where LLaMA-Factory's eager norm returns fp32);
 - upcast_lmhead_output: fp32 logits;
 - disable_gradient_checkpointing: no checkpointing (the norm flags still apply).
-Options given to torchgc.patch() (or torchgc run) or set in TORCHGC_* variables override them.
+Options given to torchgc.patch() (or torchgc run) or set in TORCHGC_* variables override them
+(config.fill_in). torchgc exports the function as torchgc.llamafactory_prepare_model_for_training.
 """
 
 import dataclasses
@@ -42,10 +44,11 @@ FUNCTION = "prepare_model_for_training"
 FLAGS = {"use_unsloth_gc": False, "use_reentrant_gc": True, "upcast_layernorm": False, "upcast_lmhead_output": False,
          "disable_gradient_checkpointing": False}
 
-_given: Dict[str, Any] = {}  # the options given to torchgc.patch(); the environment is read per call
+_options: Optional[config.Options] = None  # the options of the active torchgc.patch(), while routed
 _original = None  # LLaMA-Factory's prepare_model_for_training, while routed
 _hook: Optional["_RouteWhenLoaded"] = None
 _warned_version = False
+_FUNCTION = "torchgc.llamafactory_prepare_model_for_training()"
 
 
 def prepare_model_for_training(model, model_args=None, **flags) -> None:
@@ -58,29 +61,39 @@ def prepare_model_for_training(model, model_args=None, **flags) -> None:
     use_cache off; 4. fp32 logits. Options given to torchgc.patch() or in TORCHGC_* variables
     override the flags.
     """
-    function = "torchgc.prepare_model_for_training()"
-    args = _read_flags(function, model_args, flags)
-    if distributed.accelerate_requests_fsdp2() and args.use_reentrant_gc:
-        warnings.warn(f"{function}: FSDP2 is in use, so use_reentrant_gc is set to False (reentrant checkpointing breaks its hooks)",
-                      stacklevel=2)
-        args.use_reentrant_gc = False
-        if model_args is not None and hasattr(model_args, "use_reentrant_gc"):
-            model_args.use_reentrant_gc = False  # as LLaMA-Factory does
+    args = _read_flags(_FUNCTION, model_args, flags)
+    _no_reentrant_under_fsdp2(args, model_args)
+    base = config.resolve(_FUNCTION, {}) if _options is None else _options
+    options = config.fill_in(_FUNCTION, base, _options_from_flags(args))
+    hf.apply_norm_options(model, dataclasses.replace(options, fused_norm=False, upcast_lmhead_output=False), _FUNCTION)
+    if not args.disable_gradient_checkpointing:
+        _enable(model, options)
+    hf.apply_norm_options(model, options, _FUNCTION)
+
+
+def _options_from_flags(args: SimpleNamespace) -> Dict[str, Any]:
     from_flags = {"use_reentrant": args.use_reentrant_gc, "upcast_layernorm": args.upcast_layernorm,
                   "upcast_lmhead_output": args.upcast_lmhead_output}
     if args.use_unsloth_gc:
         from_flags["strategy"] = "offload"
-    options = dataclasses.replace(config.DEFAULTS, **{**from_flags, **config.explicit(function, _given)})
+    return from_flags
 
-    upcast_first = dataclasses.replace(options, fused_norm=False, upcast_lmhead_output=False)
-    hf.apply_norm_options(model, upcast_first, function)
-    if not args.disable_gradient_checkpointing:
-        if not getattr(model, "supports_gradient_checkpointing", False):
-            warnings.warn(f"{function}: {type(model).__name__} does not support gradient checkpointing; left off", stacklevel=2)
-        else:
-            _install_on_model(model, options)
-            model.gradient_checkpointing_enable()
-    hf.apply_norm_options(model, options, function)
+
+def _no_reentrant_under_fsdp2(args: SimpleNamespace, model_args) -> None:
+    if distributed.accelerate_requests_fsdp2() and args.use_reentrant_gc:
+        warnings.warn(f"{_FUNCTION}: FSDP2 is in use, so use_reentrant_gc is set to False (reentrant checkpointing breaks its hooks)",
+                      stacklevel=3)
+        args.use_reentrant_gc = False
+        if model_args is not None and hasattr(model_args, "use_reentrant_gc"):
+            model_args.use_reentrant_gc = False  # as LLaMA-Factory does
+
+
+def _enable(model, options: config.Options) -> None:
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        warnings.warn(f"{_FUNCTION}: {type(model).__name__} does not support gradient checkpointing; left off", stacklevel=3)
+        return
+    _install_on_model(model, options)
+    model.gradient_checkpointing_enable()
 
 
 def _read_flags(function: str, model_args, flags: Dict[str, Any]) -> SimpleNamespace:
@@ -114,11 +127,12 @@ def _install_on_model(model, options: config.Options) -> None:
 # Routing LLaMA-Factory's model preparation through prepare_model_for_training
 
 
-def route(given: Dict[str, Any]) -> None:
+def route(options: config.Options) -> None:
     """Makes LLaMA-Factory prepare its models with prepare_model_for_training, now if it is
-    imported, else as soon as it is. ``given``: the options given to torchgc.patch()."""
-    global _given, _hook
-    _given = {name: value for name, value in given.items() if value is not None}
+    imported, else as soon as it is. ``options``: those of torchgc.patch(), which take precedence
+    over LLaMA-Factory's flags where they were given or set in the environment."""
+    global _options, _hook
+    _options = options
     module = sys.modules.get(CHECKPOINTING_MODULE)
     if module is not None:
         _replace(module)
@@ -129,8 +143,8 @@ def route(given: Dict[str, Any]) -> None:
 
 def unroute() -> None:
     """Puts LLaMA-Factory's own prepare_model_for_training back."""
-    global _original, _hook, _given
-    _given = {}
+    global _original, _hook, _options
+    _options = None
     if _hook is not None:
         if _hook in sys.meta_path:
             sys.meta_path.remove(_hook)

@@ -1,7 +1,9 @@
 """What torchgc's gradient checkpointing does to one transformers model.
 
 ``enable`` and ``disable`` are the bodies of torchgc's ``gradient_checkpointing_enable`` and
-``_disable``: they install ``torchgc.checkpoint`` as the layers' checkpoint function, keep the
+``_disable``: they resolve the options of the call once (config), build the layers' checkpoint
+function (torchgc.strategies.LayerCheckpoint, with the model's Planner under a memory budget)
+and install it through transformers' _set_gradient_checkpointing; they keep the
 per-model state that disable undoes and re-enable repeats (the input-grad hook, ``use_cache``, the
 last call's kwargs), and apply the norm options. ``torchgc.patching`` calls them for every model;
 other integrations call them for one model. transformers is imported only when they run.
@@ -17,6 +19,7 @@ import torch
 
 from torchgc import config, ops, planner, strategies
 from torchgc.integrations import distributed
+from torchgc.integrations.transformers_layers import decoder_layers
 
 ENABLE = "gradient_checkpointing_enable"
 DISABLE = "gradient_checkpointing_disable"
@@ -36,7 +39,7 @@ class _ModelState:
         self.saved_use_cache: list = []  # (config, value) pairs set to False by enable
         self.norm_handles: Dict[str, Any] = {}
         self.warned_fsdp2 = False
-        self.planner: Optional[planner.Planner] = None  # the checkpoint function under a memory budget
+        self.planner: Optional[planner.Planner] = None  # the chooser of modes under a memory budget
 
 
 def _state(model) -> _ModelState:
@@ -77,7 +80,7 @@ def enable(
     offload: bool = False,
     options: Optional[config.Options] = None,
 ) -> None:
-    """Turns on gradient checkpointing through torchgc.checkpoint for ``model``.
+    """Turns on gradient checkpointing through torchgc's LayerCheckpoint for ``model``.
 
     kwargs: the call's gradient_checkpointing_kwargs, which refine ``options`` (default: the
     TORCHGC_* environment); None or {} repeats the previous enable's kwargs. method names the
@@ -86,72 +89,91 @@ def enable(
     """
     function = f"{type(model).__name__}.{method}()"
     argument = "activation_checkpointing_kwargs" if method == AC_ENABLE else "gradient_checkpointing_kwargs"
-    if not model.supports_gradient_checkpointing:
-        raise ValueError(f"{type(model).__name__} does not support gradient checkpointing.")
-    if kwargs is not None and not isinstance(kwargs, dict):
-        raise ValueError(f"{function}: {argument} must be a dict or None; got {kwargs!r}")
-    if isinstance(every_n_layers, bool) or not isinstance(every_n_layers, int) or every_n_layers < 1:
-        raise ValueError(f"{function}: argument 'every_n_layers' must be an int >= 1; got {every_n_layers!r}")
-    if not isinstance(offload, bool):
-        raise ValueError(f"{function}: argument 'offload' must be True or False; got {offload!r}")
-
+    _check_arguments(model, function, argument, kwargs, every_n_layers, offload)
     state = _state(model)
     # No kwargs after an earlier enable: keep that configuration (TRL disables around generation
     # and re-enables with no arguments).
     call_kwargs = dict(kwargs) if kwargs else dict(state.call_kwargs)
     if offload:
         call_kwargs.setdefault("strategy", "offload")
-    remember = bool(kwargs) or offload
-    if options is None:
-        options = config.resolve(function, {})
-    options, forwarded = _split_kwargs(function, options, call_kwargs, argument)
-    use_reentrant = default_use_reentrant() if options.use_reentrant is None else options.use_reentrant
+    base = config.resolve(function, {}) if options is None else options
+    options, torch_kwargs = _split_kwargs(function, argument, base, call_kwargs, every_n_layers)
     _norm_transforms_to_apply(state, options, function)  # fails here, before anything changes, if it must
     if options.strategy == "offload":
         _require_offload_ops(function)
     old_format = _uses_old_format(model)
+    skipped_layers = _layers_not_checkpointed(model, options, function, old_format)
+    options = dataclasses.replace(options, use_reentrant=_use_reentrant(model, state, options, function))
+    _install(model, strategies.LayerCheckpoint(options, torch_kwargs, _chooser(state, options)), skipped_layers, old_format, function)
+    if kwargs or offload:
+        state.call_kwargs = call_kwargs
+    if getattr(model, "_hf_peft_config_loaded", False) and state.input_grad_hook is None:
+        state.input_grad_hook = _require_input_grads(model)
+    _turn_off_cache(model, state)
+    apply_norm_options(model, options, function)
+
+
+def _check_arguments(model, function: str, argument: str, kwargs, every_n_layers, offload) -> None:
+    if not model.supports_gradient_checkpointing:
+        raise ValueError(f"{type(model).__name__} does not support gradient checkpointing.")
+    if kwargs is not None and not isinstance(kwargs, dict):
+        raise ValueError(f"{function}: {argument} must be a dict or None; got {kwargs!r}")
+    config.check(function, "every_n_layers", every_n_layers)
+    if not isinstance(offload, bool):
+        raise ValueError(f"{function}: argument 'offload' must be True or False; got {offload!r}")
+
+
+def _split_kwargs(function: str, argument: str, base: config.Options, kwargs: Dict[str, Any], every_n_layers: int):
+    """The options of an enable call (``base``, refined by torchgc's keys of ``kwargs`` and by
+    every_n_layers), and the keys of ``kwargs`` that go to torch's checkpoint."""
+    forwarded = {k: v for k, v in kwargs.items() if k not in config.OPTION_NAMES}
+    unknown = sorted(set(forwarded) - strategies.TORCH_CHECKPOINT_KEYS)
+    if unknown:
+        valid = ", ".join(sorted(set(config.OPTION_NAMES) | strategies.TORCH_CHECKPOINT_KEYS))
+        raise ValueError(f"{function}: {argument} has unknown key(s) {unknown}; valid keys are {valid}")
+    if "preserve_rng_state" in forwarded:
+        config.check_call_argument(function, "preserve_rng_state", forwarded["preserve_rng_state"], where=f"{argument}['preserve_rng_state']")
+    options = config.override(function, base, kwargs, argument)
     if every_n_layers != 1:
         options = config.checked_together(function, dataclasses.replace(options, every_n_layers=every_n_layers))
-    skipped_layers = _layers_not_checkpointed(model, options, function, old_format)
-    if use_reentrant and distributed.uses_fsdp2(model):
-        if not state.warned_fsdp2:
-            warnings.warn(
-                f"{function}: FSDP2 is in use, and reentrant checkpointing breaks its hooks; torchgc uses "
-                "non-reentrant checkpointing instead",
-                stacklevel=3,
-            )
-            state.warned_fsdp2 = True
-        use_reentrant = False
+    return options, forwarded
 
-    gc_func = _TorchgcCheckpoint(
-        _checkpoint_function(state, options),
-        strategy=options.strategy,
-        use_reentrant=use_reentrant,
-        only_trainable=options.only_trainable,
-        prefetch=options.prefetch,
-        min_offload_bytes=options.min_offload_bytes,
-        max_host_bytes=options.max_host_bytes,
-        **forwarded,
-    )
+
+def _use_reentrant(model, state: _ModelState, options: config.Options, function: str) -> bool:
+    """The option, else transformers' default; never under FSDP2, whose hooks reentrant
+    checkpointing breaks (one warning per model)."""
+    use_reentrant = default_use_reentrant() if options.use_reentrant is None else options.use_reentrant
+    if not use_reentrant or not distributed.uses_fsdp2(model):
+        return use_reentrant
+    if not state.warned_fsdp2:
+        warnings.warn(f"{function}: FSDP2 is in use, and reentrant checkpointing breaks its hooks; torchgc uses "
+                      "non-reentrant checkpointing instead", stacklevel=4)
+        state.warned_fsdp2 = True
+    return False
+
+
+def _chooser(state: _ModelState, options: config.Options) -> Optional[planner.Planner]:
+    """With a memory budget, the model's Planner (kept across enables with the same budget and
+    strategy, so its measured plans survive TRL's disable/enable cycles); else None."""
+    if options.memory_budget is None:
+        state.planner = None
+    elif state.planner is None or (state.planner.budget, state.planner.strategy) != (options.memory_budget, options.strategy):
+        state.planner = planner.Planner(options.memory_budget, options.strategy)
+    return state.planner
+
+
+def _install(model, layer_checkpoint: strategies.LayerCheckpoint, skipped_layers: list, old_format: bool, function: str) -> None:
     if old_format:
         warnings.warn(
             f"{function}: this model's _set_gradient_checkpointing uses the pre-4.35 (module, value) form and "
             "calls torch's checkpoint itself; torchgc cannot route it and leaves the model's own checkpointing on",
-            stacklevel=3,
+            stacklevel=4,
         )
         model.apply(functools.partial(model._set_gradient_checkpointing, value=True))
-    else:
-        model._set_gradient_checkpointing(enable=True, gradient_checkpointing_func=gc_func)
-        for layer in skipped_layers:
-            layer.gradient_checkpointing = False
-
-    if remember:
-        state.call_kwargs = call_kwargs
-    needs_input_grads = getattr(model, "_hf_peft_config_loaded", False)
-    if needs_input_grads and state.input_grad_hook is None:
-        state.input_grad_hook = _require_input_grads(model)
-    _turn_off_cache(model, state)
-    apply_norm_options(model, options, function)
+        return
+    model._set_gradient_checkpointing(enable=True, gradient_checkpointing_func=layer_checkpoint)
+    for layer in skipped_layers:
+        layer.gradient_checkpointing = False
 
 
 def _layers_not_checkpointed(model, options: config.Options, function: str, old_format: bool) -> list:
@@ -161,58 +183,12 @@ def _layers_not_checkpointed(model, options: config.Options, function: str, old_
     if n == 1:
         return []
     layers = [] if old_format else decoder_layers(model)
-    if not layers:
+    if not layers or not all(hasattr(layer, "gradient_checkpointing") for layer in layers):
         raise ValueError(
             f"{function}: argument 'every_n_layers' needs a model whose layers are transformers "
             f"GradientCheckpointingLayer modules; {type(model).__name__} has none; got every_n_layers={n}"
         )
     return [layer for index, layer in enumerate(layers) if index % n != 0]
-
-
-def decoder_layers(model) -> list:
-    """The model's transformers GradientCheckpointingLayer modules in order ([] before transformers
-    had them), the layers transformers counts for every_n_layers."""
-    try:
-        from transformers.modeling_layers import GradientCheckpointingLayer
-    except ImportError:
-        return []
-    return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
-
-
-def _checkpoint_function(state: _ModelState, options: config.Options) -> Callable:
-    """torchgc.checkpoint, or with a memory budget the model's Planner (kept across enables with the
-    same budget and strategy, so its measured plans survive TRL's disable/enable cycles)."""
-    if options.memory_budget is None:
-        state.planner = None
-        return strategies.checkpoint
-    if state.planner is None or (state.planner.budget, state.planner.strategy) != (options.memory_budget, options.strategy):
-        state.planner = planner.Planner(options.memory_budget, options.strategy)
-    return state.planner
-
-
-def explain(model) -> dict:
-    """What torchgc's checkpointing does to ``model``'s layers: the options in force and, under a
-    memory budget, the plan per input shape (each layer's mode with its measured bytes and time)."""
-    function = next((m._gradient_checkpointing_func for m in model.modules() if getattr(m, "gradient_checkpointing", False)), None)
-    if function is None:
-        return {"checkpointing": None}
-    if not is_torchgc_function(function):
-        return {"checkpointing": f"not torchgc: {function!r}"}
-    explained = {"checkpointing": "torchgc", "options": {k: v for k, v in function.keywords.items()},
-                 "checkpointed_layers": [i for i, m in enumerate(decoder_layers(model)) if m.gradient_checkpointing]}
-    if isinstance(function.func, planner.Planner):
-        explained.update(function.func.explain())
-    return explained
-
-
-class _TorchgcCheckpoint(functools.partial):
-    """The layers' checkpoint function that enable installs: torchgc.checkpoint with the options."""
-
-
-def is_torchgc_function(function) -> bool:
-    """True for a checkpoint function that enable installed (see torchgc.patching's check of
-    functions installed by other code)."""
-    return isinstance(function, _TorchgcCheckpoint)
 
 
 def apply_norm_options(model, options: config.Options, function: str) -> None:
@@ -238,21 +214,6 @@ def disable(model) -> None:
     for cfg, value in state.saved_use_cache:
         cfg.use_cache = value
     state.saved_use_cache = []
-
-
-def _split_kwargs(function: str, base: config.Options, kwargs: Dict[str, Any], argument: str):
-    """Separates torchgc's options from the keys forwarded to torch.utils.checkpoint."""
-    forwarded = {k: v for k, v in kwargs.items() if k not in config.OPTION_NAMES}
-    allowed = _forwardable_keys()
-    unknown = sorted(set(forwarded) - allowed)
-    if unknown:
-        valid = ", ".join(sorted(set(config.OPTION_NAMES) | allowed))
-        raise ValueError(f"{function}: {argument} has unknown key(s) {unknown}; valid keys are {valid}")
-    return config.override(function, base, kwargs, argument), forwarded
-
-
-def _forwardable_keys() -> frozenset:
-    return strategies.CHECKPOINT_KEYS - set(config.OPTION_NAMES)
 
 
 def _require_offload_ops(function: str) -> None:
