@@ -3,13 +3,25 @@
 Dynamo turns torch's non-reentrant checkpoint into one higher-order op (tag_activation_checkpoint)
 whose body it traces whole, and the compiler recomputes that body in backward. So inside a
 compiled region every strategy becomes that op: the layer body is compiled, not run eager. The
-reentrant form has no compiled counterpart; gradients are the same either way.
+reentrant form has no compiled counterpart; gradients are the same either way. selective passes
+its policy to the compiler. A memory budget cannot measure layers inside a compiled region: the
+planner checkpoints them whole, with a warning once.
 
 Saved-tensor hooks are not traced (pytorch #148222), but a compiled graph saves its tensors at
 run time through whatever hooks are active then. So for offload, two calls that dynamo runs eagerly
 (one graph break each) push torchgc's hooks before the layer's graph and pop them after it: the
 inputs the graph keeps for its recompute go to the host as in eager. An exception between the two
-leaves the hooks pushed; the next region removes them before it pushes its own.
+leaves the hooks pushed; the next region removes them before it pushes its own. Those are the
+only graph breaks torchgc makes; checkpoint and selective make none.
+
+The forms, as tests/test_compile.py checks them (the ops dynamo captures per layer equal those of
+the layer compiled without checkpointing; no recompile after the first step):
+- layers[i] = torch.compile(layer) (torchtitan's form, regional) or torch.compile(model): the
+  compiled region contains torchgc's call, which comes here;
+- layer.compile(): the layer's body is compiled and torchgc's checkpoint runs eagerly around it,
+  exactly as without compile. selective cannot work this way (the compiled kernels write into
+  buffers they reuse, which the policy would have cached), so such a layer is checkpointed whole,
+  with a warning (torchgc.modes.usable_strategy).
 """
 
 import threading

@@ -26,9 +26,15 @@ prediction only overstates). A budget that the fastest modes fit takes them with
 (budget 1.0 is no checkpointing). A budget below every plan raises BudgetError when the next step
 starts, naming the smallest budget in bytes and as a fraction.
 
-Exactness. Every mode recomputes exactly, so gradients are those of no checkpointing. Inside a
-torch.compile region nothing can be measured: compiled layers are checkpointed whole, with a
-warning once. The plan is made per process; under torch.distributed each rank plans on its own.
+Checked (tests/test_planner.py). Every mode recomputes exactly: gradients are bitwise those of no
+checkpointing (CPU, fp32; 8-layer Llama, Qwen2, Gemma and GPT-2 with dropout, budgets from the
+smallest possible to 1.0, reentrant and not). Watching every op of a step under the plan, the
+measured activation peak of an 8-layer Llama at budgets 0.25 to 1.0 is the predicted one within 5%
+of the peak without checkpointing, and within the budget.
+
+Limits. Inside a torch.compile region nothing can be measured: compiled layers are checkpointed
+whole, with a warning once. The plan is made per process; under torch.distributed each rank
+plans on its own. Offload plans have not run on a GPU yet.
 """
 
 import dataclasses

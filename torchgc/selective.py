@@ -1,11 +1,15 @@
 """torchgc's selective (per-op) checkpoint policy: keep what is expensive to recompute.
 
-Inside a selectively checkpointed layer, the outputs of matrix multiplications and fused attention
-are saved for backward, and everything else (norms, activations, rotary embeddings, elementwise
-ops, softmax, dropout) is recomputed. The matmuls hold most of a decoder layer's compute and the
-cheap ops most of its activation bytes, so this keeps most of checkpointing's recompute time and
-gives back part of its memory saving. The policy runs inside torch's selective checkpoint
-contexts, so RNG and autocast replay stay torch's own.
+Inside a selectively checkpointed layer, the outputs of matrix multiplications (mm, addmm, bmm,
+baddbmm, _grouped_mm, convolution) and of fused attention (every _scaled_dot_product_*_attention
+kernel) are saved for backward, and everything else (norms, activations, rotary embeddings,
+elementwise ops, softmax, dropout) is recomputed. The matmuls hold most of a decoder layer's
+compute and the cheap ops most of its activation bytes, so this keeps most of checkpointing's
+recompute time and gives back part of its memory saving. Two exceptions (see policy): a batched
+matmul whose output outgrows its inputs (eager attention's Q·Kᵀ) and a fused attention with
+dropout are recomputed. The policy runs inside torch's selective checkpoint contexts, so RNG and
+autocast replay stay torch's own, and so selective is always non-reentrant (asking for reentrant
+warns once and runs non-reentrant; the gradients are the same).
 """
 
 import functools
