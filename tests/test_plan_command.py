@@ -8,7 +8,7 @@ import sys
 import pytest
 
 import torchgc
-from torchgc.bench import plan as plan_command
+from torchgc.bench import plan_command
 
 CONFIG = {"model_type": "llama", "vocab_size": 128, "hidden_size": 64, "intermediate_size": 172, "num_hidden_layers": 6,
           "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 512}

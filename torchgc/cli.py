@@ -121,11 +121,12 @@ def _add_bench(subparsers) -> None:
 
 
 def _add_plan(subparsers) -> None:
-    from torchgc.bench import plan
+    from torchgc.bench import plan_command
 
-    parser = subparsers.add_parser("plan", help="the per-layer plan of a memory budget, predicted and measured", description=plan.DESCRIPTION)
-    plan.build_parser(parser)
-    parser.set_defaults(handler=lambda args: plan.main(args=args))
+    parser = subparsers.add_parser("plan", help="the per-layer plan of a memory budget, predicted and measured",
+                                   description=plan_command.DESCRIPTION)
+    plan_command.build_parser(parser)
+    parser.set_defaults(handler=lambda args: plan_command.main(args=args))
 
 
 COMMANDS: List[Callable] = [_add_run, _add_bench, _add_plan]
