@@ -9,7 +9,6 @@ import random
 import re
 
 import pytest
-import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import torchgc

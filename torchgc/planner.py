@@ -15,8 +15,7 @@ outside the layers (embeddings, logits) are not in it.
 
 Measuring. For each new input shape, the first training step runs every layer checkpointed (its
 gradients are those of any other step) and measures each layer (torchgc.layer_cost): two more
-forwards per layer, so that step costs about three forwards per layer instead of two and holds one
-layer's activations more at a time. The plan is made when the next step starts (the first layer
+forwards per layer than a checkpointed step, holding one layer's activations more at a time. The plan is made when the next step starts (the first layer
 measured is called again), cached per shape; after MAX_MEASURED_SHAPES shapes, a new shorter one
 reuses the plan of the nearest longer shape measured (a longer one is measured).
 
