@@ -17,8 +17,12 @@ from pathlib import Path
 from typing import Optional
 
 from setuptools import Extension, setup
-from setuptools.command.bdist_wheel import bdist_wheel
 from setuptools.command.build_ext import build_ext
+
+try:
+    from setuptools.command.bdist_wheel import bdist_wheel
+except ImportError as exc:  # before setuptools 70.1; pip's build isolation would bring a newer one
+    raise RuntimeError("torchgc: building needs setuptools 70.1 or newer in this environment: pip install -U setuptools") from exc
 
 ROOT = Path(__file__).resolve().parent
 CMAKE_MINIMUM = (3, 24, 0)
