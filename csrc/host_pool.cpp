@@ -1,6 +1,5 @@
 #include "torchgc/host_pool.h"
 
-#include <c10/util/Exception.h>
 #include <sys/mman.h>
 
 #include <algorithm>
@@ -18,8 +17,8 @@ constexpr size_t kPage = 4096;
 // after the first large free), and RSS would not follow the pool.
 void* map_block(size_t nbytes) {
   void* ptr = mmap(nullptr, nbytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-  TORCH_CHECK(ptr != MAP_FAILED, "torchgc host pool: out of host memory mapping ", nbytes, " bytes (",
-              std::strerror(errno), ")");
+  TORCHGC_CHECK(ptr != MAP_FAILED, "torchgc host pool: out of host memory mapping ", nbytes, " bytes (",
+                std::strerror(errno), ")");
   return ptr;
 }
 
@@ -30,11 +29,6 @@ struct HostPool::Block {
   size_t nbytes;  // the class size
   size_t requested;  // the bytes of the tensor using it, while in use
   std::list<Block*>::iterator lru;  // its place in free_lru_, while cached
-};
-
-struct HostPool::Adopted {
-  c10::DataPtr block;
-  size_t nbytes;
 };
 
 HostPool& HostPool::instance() {
@@ -52,8 +46,8 @@ size_t HostPool::size_class(size_t nbytes) {
   return (nbytes + step - 1) / step * step;
 }
 
-at::Tensor HostPool::empty(at::IntArrayRef sizes, at::ScalarType dtype) {
-  const size_t nbytes = static_cast<size_t>(c10::multiply_integers(sizes)) * c10::elementSize(dtype);
+Tensor HostPool::empty_like(const Tensor& like) {
+  const size_t nbytes = static_cast<size_t>(like.numel()) * like.element_size();
   const size_t cls = size_class(nbytes);
   Block* block = take_cached(cls);
   const bool fresh = block == nullptr;
@@ -70,23 +64,21 @@ at::Tensor HostPool::empty(at::IntArrayRef sizes, at::ScalarType dtype) {
     pageable_in_use_ += static_cast<int64_t>(cls);
     peak_pageable_in_use_ = std::max(peak_pageable_in_use_, pageable_in_use_);
   }
-  c10::DataPtr data(block->ptr, block, &HostPool::free_block, c10::Device(c10::kCPU));
-  auto storage = c10::Storage(c10::Storage::use_byte_size_t(), nbytes, std::move(data),
-                              /*allocator=*/nullptr, /*resizable=*/false);
-  return at::empty({0}, at::TensorOptions().dtype(dtype)).set_(storage, 0, sizes);
+  const auto strides = contiguous_strides(like.sizes());
+  return torch::stable::from_blob(block->ptr, like.sizes(), strides, Device(DeviceType::CPU), like.scalar_type(),
+                                  [block](void*) { instance().release(block); });
 }
 
-at::Tensor HostPool::adopt(c10::DataPtr block, size_t nbytes, at::IntArrayRef sizes, at::ScalarType dtype) {
-  void* ptr = block.get();
-  auto* adopted = new Adopted{std::move(block), nbytes};
+Tensor HostPool::adopt(const Tensor& block) {
+  const auto nbytes = static_cast<int64_t>(block.numel() * block.element_size());
   {
     std::lock_guard<std::mutex> lock(mutex_);
-    stats_.in_use_bytes += static_cast<int64_t>(nbytes);
+    stats_.in_use_bytes += nbytes;
   }
-  c10::DataPtr data(ptr, adopted, &HostPool::free_adopted, c10::Device(c10::kCPU));
-  auto storage = c10::Storage(c10::Storage::use_byte_size_t(), nbytes, std::move(data),
-                              /*allocator=*/nullptr, /*resizable=*/false);
-  return at::empty({0}, at::TensorOptions().dtype(dtype)).set_(storage, 0, sizes);
+  const auto strides = contiguous_strides(block.sizes());
+  // The deleter holds `block` until the wrapper is freed, then gives it back to its allocator.
+  return torch::stable::from_blob(block.data_ptr(), block.sizes(), strides, Device(DeviceType::CPU),
+                                  block.scalar_type(), [block, nbytes](void*) { instance().release_adopted(nbytes); });
 }
 
 HostPool::Block* HostPool::take_cached(size_t cls) {
@@ -102,23 +94,9 @@ HostPool::Block* HostPool::take_cached(size_t cls) {
   return block;
 }
 
-const c10::DataPtr* HostPool::adopted_block(const at::Tensor& host) {
-  const auto& data = host.storage().data_ptr();
-  if (data.get_deleter() != &HostPool::free_adopted) {
-    return nullptr;
-  }
-  return &static_cast<Adopted*>(data.get_context())->block;
-}
-
-void HostPool::free_block(void* ctx) { instance().release(static_cast<Block*>(ctx)); }
-
-void HostPool::free_adopted(void* ctx) {
-  auto* adopted = static_cast<Adopted*>(ctx);
-  {
-    std::lock_guard<std::mutex> lock(instance().mutex_);
-    instance().stats_.in_use_bytes -= static_cast<int64_t>(adopted->nbytes);
-  }
-  delete adopted;  // returns the block to its own allocator
+void HostPool::release_adopted(int64_t nbytes) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  stats_.in_use_bytes -= nbytes;
 }
 
 void HostPool::release(Block* block) {
@@ -155,8 +133,8 @@ HostPoolStats HostPool::stats() {
 }
 
 void HostPool::set_limit(int64_t bytes) {
-  TORCH_CHECK(bytes >= 0 || bytes == kAutomaticLimit, "torchgc::set_host_pool_limit: expected argument 'bytes' >= 0, or ",
-              kAutomaticLimit, " for the automatic limit, got ", bytes);
+  TORCHGC_CHECK(bytes >= 0 || bytes == kAutomaticLimit, "torchgc::set_host_pool_limit: expected argument 'bytes' >= 0, or ",
+                kAutomaticLimit, " for the automatic limit, got ", bytes);
   std::lock_guard<std::mutex> lock(mutex_);
   limit_ = bytes;
   trim_locked(cache_limit_locked());

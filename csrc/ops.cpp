@@ -1,7 +1,6 @@
-// Every torchgc op schema, in one place. Kernels are registered per backend in cpu/ and cuda/;
-// reload, which routes by its device argument, in offload.cpp.
-#include <torch/library.h>
-
+// Every torchgc op schema, in one place: Python derives its list of ops from what is defined
+// here. Kernels are registered per backend in cpu/ and cuda/; reload, which routes by its device
+// argument, in offload.cpp; the ops without tensor arguments below.
 #include "torchgc/host_pool.h"
 
 namespace torchgc {
@@ -16,26 +15,10 @@ void set_host_pool_limit(int64_t bytes) { HostPool::instance().set_limit(bytes);
 
 void empty_host_pool() { HostPool::instance().empty_cache(); }
 
-// What the library was built against: [torch version, "cuda" or "cpu", CUDA architectures,
-// "openmp" when at::parallel_for runs its OpenMP loops in parallel here, else "none"].
-std::vector<std::string> build_info() {
-#ifdef TORCHGC_WITH_CUDA
-  const char* backends = "cuda";
-#else
-  const char* backends = "cpu";
-#endif
-#ifdef _OPENMP
-  const char* parallel = "openmp";
-#else
-  const char* parallel = "none";
-#endif
-  return {TORCHGC_TORCH_VERSION, backends, TORCHGC_CUDA_ARCHS, parallel};
-}
-
 }  // namespace
 }  // namespace torchgc
 
-TORCH_LIBRARY(torchgc, m) {
+STABLE_TORCH_LIBRARY(torchgc, m) {
   // Activation offloading. offload copies x to host memory (asynchronously on CUDA); reload
   // starts the copy back to `device` and returns at once; wait makes the current stream wait
   // for a pending reload into x, just before its first use.
@@ -45,10 +28,14 @@ TORCH_LIBRARY(torchgc, m) {
 
   // Host pool bookkeeping: [reserved_bytes, in_use_bytes, limit_bytes, pinned_fallbacks, cached_bytes].
   // set_host_pool_limit caps the cached bytes; -1 is the automatic limit (the peak in use).
-  m.def("host_pool_stats() -> int[]", &torchgc::host_pool_stats);
-  m.def("set_host_pool_limit(int bytes) -> ()", &torchgc::set_host_pool_limit);
-  m.def("empty_host_pool() -> ()", &torchgc::empty_host_pool);
-  m.def("build_info() -> str[]", &torchgc::build_info);
+  m.def("host_pool_stats() -> int[]");
+  m.def("set_host_pool_limit(int bytes) -> ()");
+  m.def("empty_host_pool() -> ()");
+
+  // Which copy of the CPU norm kernels runs: torch.backends.cpu.get_cpu_capability()'s answer
+  // ("DEFAULT", "AVX2", "AVX512", ...), which Python passes in when it loads the library, since
+  // ATen's own function is not part of the stable ABI.
+  m.def("use_cpu_capability(str capability) -> ()");
 
   // Fused norms over x's last dimension, fp32 math (float64 for float64 x). y is in x's dtype,
   // or float32 with fp32_output. rstd (and mean) hold one value per row, in the math dtype, for
@@ -65,10 +52,8 @@ TORCH_LIBRARY(torchgc, m) {
   m.def("layer_norm_backward(Tensor grad_y, Tensor x, Tensor weight, Tensor mean, Tensor rstd, bool[3] output_mask) -> (Tensor dx, Tensor dweight, Tensor dbias)");
 }
 
-// Offloading moves saved tensors' bytes; it is not part of the differentiated computation, so
-// its outputs carry no autograd history.
-TORCH_LIBRARY_IMPL(torchgc, Autograd, m) {
-  m.impl("offload", torch::CppFunction::makeFallthrough());
-  m.impl("reload", torch::CppFunction::makeFallthrough());
-  m.impl("wait", torch::CppFunction::makeFallthrough());
+STABLE_TORCH_LIBRARY_IMPL(torchgc, CompositeExplicitAutograd, m) {
+  m.impl("host_pool_stats", TORCH_BOX(&torchgc::host_pool_stats));
+  m.impl("set_host_pool_limit", TORCH_BOX(&torchgc::set_host_pool_limit));
+  m.impl("empty_host_pool", TORCH_BOX(&torchgc::empty_host_pool));
 }

@@ -1,10 +1,10 @@
-"""The build: every op has its kernels in the dispatcher, and the library matches torch."""
+"""The build: every op has its kernels in the dispatcher, and the libraries load only where they can run."""
 
-import importlib.machinery
 import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,19 +14,21 @@ from torchgc import _library, ops
 
 ops.load_library()  # the dispatcher checks below need the schemas
 
-# Ops that take a device tensor and so need a kernel per backend.
-DEVICE_OPS = ["offload", "wait"]
-# Ops whose dispatch key is not the device they work on: reload dispatches on its host argument
-# and routes by its `device` argument inside one kernel.
-ROUTED_OPS = ["reload"]
-# Ops without tensor arguments (bookkeeping): one kernel for every key.
-UTILITY_OPS = ["host_pool_stats", "set_host_pool_limit", "empty_host_pool", "build_info"]
-# The fused norms and their backward ops.
-DEVICE_OPS += ["rms_norm", "rms_norm_backward", "layer_norm", "layer_norm_backward"]
 
 
-def all_torchgc_ops():
-    return sorted(name.split("::")[1] for name in torch._C._dispatch_get_all_op_names() if name.startswith("torchgc::"))
+def argument_types(op):
+    return [str(a.type) for a in getattr(torch.ops.torchgc, op).default._schema.arguments]
+
+
+# The ops, by how they dispatch, read from the schemas the library defines:
+# ops without tensor arguments (bookkeeping) have one kernel for every key;
+UTILITY_OPS = [op for op in ops.op_names() if not any("Tensor" in t for t in argument_types(op))]
+# ops whose dispatch key is not the device they work on: reload dispatches on its host argument and
+# routes by its `device` argument inside one kernel;
+ROUTED_OPS = [op for op in ops.op_names() if "Device" in argument_types(op)]
+# and ops that take a device tensor, with a kernel per backend.
+DEVICE_OPS = [op for op in ops.op_names() if op not in UTILITY_OPS + ROUTED_OPS]
+NORM_OPS = [op for op in DEVICE_OPS if "norm" in op]
 
 
 def has_kernel(op, key):
@@ -34,20 +36,30 @@ def has_kernel(op, key):
 
 
 def cuda_build_expected():
-    if os.environ.get("TORCHGC_CUDA", "").upper() in ("0", "OFF"):
-        return False
-    nvcc = shutil.which("nvcc") or (os.path.exists("/usr/local/cuda/bin/nvcc") and "/usr/local/cuda/bin/nvcc")
-    return bool(nvcc) and torch.version.cuda is not None
+    return os.environ.get("TORCHGC_CUDA", "").upper() not in ("0", "OFF") and torch.version.cuda is not None
 
 
-def test_every_op_is_classified():
-    assert set(all_torchgc_ops()) == set(DEVICE_OPS + ROUTED_OPS + UTILITY_OPS)
+def nvcc_found():
+    return bool(shutil.which("nvcc") or os.path.exists("/usr/local/cuda/bin/nvcc"))
+
+
+def test_the_ops_are_the_ones_torchgc_knows():
+    assert set(DEVICE_OPS) == {"offload", "wait", "rms_norm", "rms_norm_backward", "layer_norm", "layer_norm_backward"}
+    assert ROUTED_OPS == ["reload"]
 
 
 @pytest.mark.parametrize("op", DEVICE_OPS)
 def test_device_op_has_cpu_and_cuda_kernels(op):
     assert has_kernel(op, "CPU")
-    assert has_kernel(op, "CUDA") == torchgc.BUILD_INFO.with_cuda
+    with_cuda_kernel = torchgc.BUILD_INFO.cuda_norm if op in NORM_OPS else torchgc.BUILD_INFO.with_cuda
+    assert has_kernel(op, "CUDA") == with_cuda_kernel
+    assert ops.supports(op, "cuda") == with_cuda_kernel
+
+
+@pytest.mark.parametrize("op", DEVICE_OPS + ROUTED_OPS)
+def test_every_op_with_tensors_has_a_fake_kernel_and_rejects_sparse_tensors(op):
+    assert has_kernel(op, "Meta")
+    assert has_kernel(op, "SparseCPU") and has_kernel(op, "SparseCsrCPU")
 
 
 @pytest.mark.parametrize("op", ROUTED_OPS)
@@ -57,25 +69,25 @@ def test_routed_op_has_a_kernel_for_every_backend(op):
         assert torch._C._dispatch_has_computed_kernel_for_dispatch_key(f"torchgc::{op}", key)
 
 
-def test_build_had_cuda_when_nvcc_and_cuda_torch_are_present():
-    # A silent CPU-only build on a machine with nvcc and a CUDA torch fails here.
+def test_build_had_cuda_under_a_cuda_torch_and_the_norm_kernels_with_nvcc():
+    # A silent CPU-only build under a CUDA torch fails here; the offload kernels need no nvcc.
     assert torchgc.BUILD_INFO.with_cuda == cuda_build_expected()
+    assert torchgc.BUILD_INFO.cuda_norm == (cuda_build_expected() and nvcc_found())
 
 
-def test_build_info_matches_torch():
-    assert torchgc.BUILD_INFO.torch_version == torch.__version__
+def test_an_older_torch_names_the_minimum():
+    with pytest.raises(ImportError, match=r"torchgc needs torch 2\.11 or newer: .*torch 2\.10\.0 is installed.*pip install 'torch>=2\.11'"):
+        _library.check_torch_supported("2.10.0")
+    _library.check_torch_supported("2.11.0")
+    _library.check_torch_supported("3.0.0a0+git")
 
 
-def test_cpu_kernels_are_built_with_torch_parallel_backend():
-    # Without -fopenmp, ATen's inline at::parallel_for runs every CPU kernel on one thread.
-    torch_uses_openmp = "ATen parallel backend: OpenMP" in torch.__config__.parallel_info()
-    assert (torchgc.BUILD_INFO.parallel == "openmp") == torch_uses_openmp
-
-
-def test_mismatched_torch_version_names_cause_and_fix():
-    info = torchgc.BUILD_INFO._replace(torch_version="0.0.0")
-    with pytest.raises(ImportError, match=r"built against torch 0\.0\.0 but torch 9\.9 is installed.*pip install --no-build-isolation"):
-        _library.check_torch_version(info, "9.9")
+def test_a_cuda_major_other_than_the_builds_names_both():
+    with pytest.raises(ImportError, match=r"built for CUDA 13\.0, and torch \S+ is built with CUDA 12\.8.*built for CUDA 12"):
+        _library.check_cuda_match({"cuda": "13.0"}, "12.8")
+    assert _library.check_cuda_match({"cuda": "13.0"}, "13.2")
+    assert not _library.check_cuda_match({"cuda": "13.0"}, None)  # a CPU-only torch: never loaded
+    assert not _library.check_cuda_match({"cuda": None}, "13.0")
 
 
 def test_missing_library_names_cause_and_fix(monkeypatch, tmp_path):
@@ -91,8 +103,8 @@ def test_a_library_that_needs_a_missing_one_names_it(monkeypatch, tmp_path):
     subprocess.run(["gcc", "-shared", "-fPIC", "-o", str(tmp_path / "libtorchgc_gone.so"), str(tmp_path / "dep.c")], check=True)
     package = tmp_path / "package"
     package.mkdir()
-    suffix = importlib.machinery.EXTENSION_SUFFIXES[0]
-    subprocess.run(["gcc", "-shared", "-fPIC", "-o", str(package / f"_C{suffix}"), str(tmp_path / "lib.c"), f"-L{tmp_path}",
+    (package / "_build.json").write_text((Path(_library.__file__).parent / "_build.json").read_text())
+    subprocess.run(["gcc", "-shared", "-fPIC", "-o", str(package / "_C.so"), str(tmp_path / "lib.c"), f"-L{tmp_path}",
                     "-ltorchgc_gone", f"-Wl,-rpath,{tmp_path}"], check=True)
     (tmp_path / "libtorchgc_gone.so").unlink()
     monkeypatch.setattr(_library, "_PACKAGE_DIR", package)
@@ -125,13 +137,13 @@ def test_import_torchgc_does_not_load_the_op_library():
     assert done.returncode == 0, done.stderr[-3000:]
 
 
-# A library that cannot load: missing, or built for another torch (as after a torch upgrade,
-# simulated by changing the version the running torch reports).
+# A library that cannot load: missing, or built for another CUDA major version than torch's (a cu12
+# torch, simulated by changing the CUDA version the running torch reports).
 BROKEN_LIBRARY = {
     "missing": ("import torchgc._library, pathlib; torchgc._library._PACKAGE_DIR = pathlib.Path('/nonexistent')",
                 r"the op library \(torchgc/_C\*\.so\) is missing .*Build it with: pip install --no-build-isolation"),
-    "other-torch": ("import torch; torch.__version__ = '9.9.9'",
-                    r"built against torch \S+ but torch 9\.9\.9 is installed.*Rebuild with: pip install --no-build-isolation"),
+    "other-cuda": ("import torch; torch.version.cuda = '12.8'",
+                   r"its CUDA library was built for CUDA 13\.0, and torch \S+ is built with CUDA 12\.8"),
 }
 
 # Everything that needs no C++ keeps working; every first use of an op raises the clear error,
@@ -179,9 +191,17 @@ print("ok")
 
 @pytest.mark.parametrize("case", sorted(BROKEN_LIBRARY))
 def test_a_broken_op_library_fails_only_where_an_op_is_needed(case):
+    if case == "other-cuda" and _library.read_build()["cuda"] != "13.0":
+        pytest.skip("the build has no CUDA 13 library to mismatch")
     setup, expected = BROKEN_LIBRARY[case]
     done = _run_python(setup + "\n" + BROKEN_LIBRARY_SCRIPT.format(expected=expected))
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-4000:]
+
+
+def test_importing_torchgc_under_a_torch_older_than_2_11_names_the_minimum():
+    done = _run_python("import torch; torch.__version__ = '2.10.0'\nimport torchgc")
+    assert done.returncode != 0
+    assert "ImportError: torchgc needs torch 2.11 or newer" in done.stderr and "torch 2.10.0 is installed" in done.stderr, done.stderr[-3000:]
 
 
 def test_an_op_first_used_inside_a_compiled_region_loads_the_library_without_a_graph_break():

@@ -1,9 +1,10 @@
 """Python bindings of torchgc's C++ ops: typed wrappers, fake kernels and autograd registration.
 
-The op library loads on the first call that needs it (or on load_library()), not at import, so
-`import torchgc`, `torchgc.patch()` and the checkpoint strategy keep working when the library is
-missing or was built for another torch; that first call raises the ImportError saying which, and
-how to rebuild.
+The op libraries load on the first call that needs them (or on load_library()), not at import, so
+`import torchgc`, `torchgc.patch()` and the checkpoint strategy keep working when they are missing
+or cannot run here; that first call raises the ImportError saying why, and what to do.
+
+The list of ops is not kept here: it is read from the schemas the library defines (csrc/ops.cpp).
 """
 
 import math
@@ -43,6 +44,33 @@ def load_library() -> _library.BuildInfo:
 def _op(name: str):
     load_library()
     return getattr(torch.ops.torchgc, name).default
+
+
+def op_names() -> list:
+    """Every op the loaded library defines, by name."""
+    load_library()
+    return _defined_ops()
+
+
+def _defined_ops() -> list:
+    return sorted(name.split("::")[1] for name in torch._C._dispatch_get_all_op_names() if name.startswith("torchgc::"))
+
+
+_DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
+
+
+def supports(op: str, device: "torch.device | str") -> bool:
+    """Whether the loaded libraries have a kernel of `op` for the device type of `device` (False
+    when they cannot load). A CPU-only torch loads no CUDA kernels, and a build without nvcc has the
+    CUDA offload kernels but not the CUDA norm ones."""
+    key = _DISPATCH_KEYS.get(torch.device(device).type)
+    if key is None:
+        return False
+    try:
+        load_library()
+    except ImportError:
+        return False
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"torchgc::{op}", key)
 
 
 class HostPoolStats(NamedTuple):
@@ -143,51 +171,51 @@ def _check_scalars(op, *, fp32_output, **scalars):
             raise ValueError(f"torchgc.ops.{op}: argument '{name}' must be a real number; got {value!r}")
 
 
-def _norm_error(op, message):
+def _op_error(op, message):
     raise RuntimeError(f"torchgc::{op}: {message}")
 
 
 def _check_norm_param(op, name, p, x):
     if p.device != x.device:
-        _norm_error(op, f"expected argument '{name}' to be on x's device {x.device}, got one on {p.device}")
+        _op_error(op, f"expected argument '{name}' to be on x's device {x.device}, got one on {p.device}")
     if p.dim() != 1 or p.shape[0] != x.shape[-1]:
-        _norm_error(op, f"expected argument '{name}' to have shape [{x.shape[-1]}] (x's last dimension), got {list(p.shape)}")
+        _op_error(op, f"expected argument '{name}' to have shape [{x.shape[-1]}] (x's last dimension), got {list(p.shape)}")
     if p.dtype not in (torch.float32, x.dtype):
-        _norm_error(op, f"expected argument '{name}' to have dtype float32 or x's dtype ({x.dtype}), got {p.dtype}")
+        _op_error(op, f"expected argument '{name}' to have dtype float32 or x's dtype ({x.dtype}), got {p.dtype}")
 
 
 # The fake kernels check what the C++ kernels check, so a traced or compiled call fails the same way.
 def _check_norm_forward(op, x, weight, bias, eps):
     if x.dtype not in _NORM_X_DTYPES:
-        _norm_error(op, f"expected argument 'x' to have dtype bfloat16, float16, float32 or float64, got {x.dtype}")
+        _op_error(op, f"expected argument 'x' to have dtype bfloat16, float16, float32 or float64, got {x.dtype}")
     if x.dim() < 1 or x.shape[-1] == 0:
-        _norm_error(op, f"expected argument 'x' to have at least one dimension and a last dimension of size >= 1, got shape {list(x.shape)}")
+        _op_error(op, f"expected argument 'x' to have at least one dimension and a last dimension of size >= 1, got shape {list(x.shape)}")
     _check_norm_param(op, "weight", weight, x)
     if bias is not None:
         _check_norm_param(op, "bias", bias, x)
         if bias.dtype != weight.dtype:
-            _norm_error(op, f"expected argument 'bias' to have weight's dtype ({weight.dtype}), got {bias.dtype}")
+            _op_error(op, f"expected argument 'bias' to have weight's dtype ({weight.dtype}), got {bias.dtype}")
     if not (eps >= 0 and eps != float("inf")):
-        _norm_error(op, f"expected argument 'eps' to be finite and >= 0, got {eps}")
+        _op_error(op, f"expected argument 'eps' to be finite and >= 0, got {eps}")
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def _check_norm_backward(op, grad_y, x, weight, **stats):
     math_dtype = _check_norm_forward(op, x, weight, None, 0.0)
     if grad_y.device != x.device:
-        _norm_error(op, f"expected argument 'grad_y' to be on x's device {x.device}, got one on {grad_y.device}")
+        _op_error(op, f"expected argument 'grad_y' to be on x's device {x.device}, got one on {grad_y.device}")
     if grad_y.shape != x.shape or grad_y.dtype not in (x.dtype, torch.float32):
-        _norm_error(op, f"expected argument 'grad_y' to have x's shape {list(x.shape)} and dtype float32 or {x.dtype}, "
+        _op_error(op, f"expected argument 'grad_y' to have x's shape {list(x.shape)} and dtype float32 or {x.dtype}, "
                         f"got {list(grad_y.shape)} and {grad_y.dtype}")
     for name, t in stats.items():
         if t.shape != x.shape[:-1] or t.dtype != math_dtype or t.device != x.device:
-            _norm_error(op, f"expected argument '{name}' to have shape {list(x.shape[:-1])} and dtype {math_dtype} on {x.device}, "
+            _op_error(op, f"expected argument '{name}' to have shape {list(x.shape[:-1])} and dtype {math_dtype} on {x.device}, "
                             f"got {list(t.shape)} and {t.dtype} on {t.device}")
 
 
 def _check_offset(op, offset):
     if not math.isfinite(offset):
-        _norm_error(op, f"expected argument 'offset' to be finite, got {offset}")
+        _op_error(op, f"expected argument 'offset' to be finite, got {offset}")
 
 
 def _rms_norm_fake(x, weight, eps, offset, llama_cast, fp32_output):
@@ -294,14 +322,56 @@ def _layer_norm_backward(ctx, grad_y, _grad_mean, _grad_rstd):
     return dx, dweight, dbias, None, None
 
 
+# Python kernels for dispatch keys the C++ kernels leave out. Kept alive: a Library deregisters
+# what it registered when it is freed.
+_python_kernels = []
+
+
+def _fake_kernel(name: str):
+    fake = globals().get(f"_{name}_fake")
+    if fake is None:
+        raise ImportError(f"torchgc: the op library defines torchgc::{name}, and torchgc.ops has no _{name}_fake for it")
+    return fake
+
+
+def _layout_name(layout: torch.layout) -> str:
+    return {torch.sparse_coo: "Sparse", torch.sparse_csr: "SparseCsr", torch.sparse_csc: "SparseCsc",
+            torch.sparse_bsr: "SparseBsr", torch.sparse_bsc: "SparseBsc"}.get(layout, str(layout))
+
+
+def _rejecting_sparse(name: str):
+    """A kernel for the sparse dispatch keys: every torchgc op takes dense tensors only, and this
+    names the op and the argument instead of the dispatcher's "Could not run ... 'SparseCPU'"."""
+    arguments = [a.name for a in getattr(torch.ops.torchgc, name).default._schema.arguments]
+
+    def reject(*args, **kwargs):
+        for argument, value in zip(arguments, args):
+            if isinstance(value, torch.Tensor) and value.layout != torch.strided:
+                _op_error(name, f"expected argument '{argument}' to be a dense (strided) tensor, got layout {_layout_name(value.layout)}")
+        _op_error(name, "expected dense (strided) tensors only")
+
+    return reject
+
+
+_SPARSE_KEYS = ("SparseCPU", "SparseCUDA", "SparseCsrCPU", "SparseCsrCUDA")
+# Offloading moves saved tensors' bytes; it is not part of the differentiated computation, so its
+# outputs carry no autograd history.
+_NOT_DIFFERENTIATED = ("offload", "reload", "wait")
+
+
 def _register_python_kernels() -> None:
-    """Fake (meta) kernels and autograd formulas; the schemas must be loaded first."""
-    torch.library.register_fake("torchgc::offload")(_offload_fake)
-    torch.library.register_fake("torchgc::reload")(_reload_fake)
-    torch.library.register_fake("torchgc::wait")(_wait_fake)
-    torch.library.register_fake("torchgc::rms_norm")(_rms_norm_fake)
-    torch.library.register_fake("torchgc::rms_norm_backward")(_rms_norm_backward_fake)
-    torch.library.register_fake("torchgc::layer_norm")(_layer_norm_fake)
-    torch.library.register_fake("torchgc::layer_norm_backward")(_layer_norm_backward_fake)
+    """Fake (meta) kernels, autograd, and the sparse and Autograd keys; the schemas must be loaded first."""
+    library = torch.library.Library("torchgc", "IMPL")
+    _python_kernels.append(library)
+    for name in _defined_ops():
+        schema = getattr(torch.ops.torchgc, name).default._schema
+        if not any("Tensor" in str(a.type) for a in schema.arguments):
+            continue  # bookkeeping: no tensors, nothing to trace
+        torch.library.register_fake(f"torchgc::{name}")(_fake_kernel(name))
+        for key in _SPARSE_KEYS:
+            library.impl(name, _rejecting_sparse(name), key)
+    for name in _NOT_DIFFERENTIATED:
+        library.impl(name, torch.library.fallthrough_kernel, "Autograd")
     torch.library.register_autograd("torchgc::rms_norm", _rms_norm_backward, setup_context=_rms_norm_setup)
     torch.library.register_autograd("torchgc::layer_norm", _layer_norm_backward, setup_context=_layer_norm_setup)
+

@@ -1,17 +1,13 @@
 // CPU kernels of the fused norms. CMake compiles this file once per instruction set, each copy
 // with its own TORCHGC_NORM_ISA namespace and flags (baseline; AVX2 + FMA + F16C on x86-64), and
 // norm_cpu.cpp picks one at run time. Inputs arrive validated, contiguous and with the weight
-// (and bias) already in the math type A.
-#include <ATen/ATen.h>
-#include <ATen/Parallel.h>
-#include <ATen/cpu/vec/functional.h>
-#include <ATen/cpu/vec/vec.h>
-
+// (and bias) already in the math type A. Rows run in parallel on torch's own thread pool.
 #include <algorithm>
 #include <array>
 #include <type_traits>
 
 #include "cpu/norm_kernels.h"
+#include "cpu/simd.h"
 #include "torchgc/norm.h"
 #include "torchgc/norm_row.h"
 
@@ -24,47 +20,37 @@ namespace {
 
 using norm::norm_dx;
 using norm::row_rstd;
-using fVec = at::vec::Vectorized<float>;
-constexpr int64_t kF = fVec::size();
-// Elements per SIMD step: one vector of bf16/fp16 widens to two float vectors.
+using fVec = simd::f32x8;
+using simd::fmadd;
+using simd::hsum;
+constexpr int64_t kF = simd::kLanes;
+// Elements per SIMD step: two float vectors, for two independent chains of adds.
 constexpr int64_t kStep = 2 * kF;
+
+inline fVec loadu(const float* p) { return simd::load(p); }
 
 template <typename T>
 inline void load2(const T* p, fVec& a, fVec& b) {
-  if constexpr (std::is_same_v<T, float>) {
-    a = fVec::loadu(p);
-    b = fVec::loadu(p + kF);
-  } else {
-    static_assert(at::vec::Vectorized<T>::size() == kStep);
-    std::tie(a, b) = at::vec::convert_to_float<T>(at::vec::Vectorized<T>::loadu(p));
-  }
+  a = simd::load(p);
+  b = simd::load(p + kF);
 }
 
 template <typename T>
 inline void store2(T* p, const fVec& a, const fVec& b) {
-  if constexpr (std::is_same_v<T, float>) {
-    a.store(p);
-    b.store(p + kF);
-  } else {
-    at::vec::convert_from_float<T>(a, b).store(p);
-  }
+  simd::store(p, a);
+  simd::store(p + kF, b);
 }
 
+// a and b rounded to T and back (the llama casting mode).
 template <typename T>
 inline void round2(fVec& a, fVec& b) {
-  if constexpr (!std::is_same_v<T, float>) {
-    std::tie(a, b) = at::vec::convert_to_float<T>(at::vec::convert_from_float<T>(a, b));
-  }
+  a = simd::round_to<T>(a);
+  b = simd::round_to<T>(b);
 }
 
-inline float hsum(const fVec& v) {
-  float lanes[kF];
-  v.store(lanes);
-  float s = 0.f;
-  for (int64_t i = 0; i < kF; ++i) {
-    s += lanes[i];
-  }
-  return s;
+template <typename F>
+inline void parallel_rows(int64_t begin, int64_t end, int64_t grain, const F& f) {
+  torch::stable::parallel_for(begin, end, grain, f);
 }
 
 // Elements [0, vec_end) take the SIMD path; the rest (all of them for float64) the scalar one.
@@ -82,7 +68,7 @@ A row_sum(const T* xr, int64_t n, const Term& term) {
   const int64_t nv = vec_end<T, A>(n);
   A s = 0;
   if constexpr (std::is_same_v<A, float>) {
-    fVec s0(0.f), s1(0.f), a, b;
+    fVec s0 = simd::splat(0.f), s1 = simd::splat(0.f), a, b;
     for (int64_t j = 0; j < nv; j += kStep) {
       load2(xr + j, a, b);
       s0 = s0 + term(a);
@@ -98,7 +84,7 @@ A row_sum(const T* xr, int64_t n, const Term& term) {
 
 template <bool LLAMA, typename T, typename O, typename A>
 void rms_forward_rows(const T* x, const A* w, O* y, A* rstd, int64_t rows, int64_t n, A eps, A offset) {
-  at::parallel_for(0, rows, row_grain(n), [&](int64_t begin, int64_t end) {
+  parallel_rows(0, rows, row_grain(n), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const T* xr = x + r * n;
       O* yr = y + r * n;
@@ -106,7 +92,7 @@ void rms_forward_rows(const T* x, const A* w, O* y, A* rstd, int64_t rows, int64
       const A rs = row_rstd(row_sum<A>(xr, n, [](auto v) { return v * v; }), n, eps);
       rstd[r] = rs;
       if constexpr (std::is_same_v<A, float>) {
-        const fVec rv(rs), ov(offset);
+        const fVec rv = simd::splat(rs), ov = simd::splat(offset);
         for (int64_t j = 0; j < nv; j += kStep) {
           fVec a, b;
           load2(xr + j, a, b);
@@ -115,7 +101,7 @@ void rms_forward_rows(const T* x, const A* w, O* y, A* rstd, int64_t rows, int64
           if constexpr (LLAMA) {
             round2<T>(a, b);
           }
-          store2(yr + j, norm::rms_y(a, fVec::loadu(w + j), ov), norm::rms_y(b, fVec::loadu(w + j + kF), ov));
+          store2(yr + j, norm::rms_y(a, loadu(w + j), ov), norm::rms_y(b, loadu(w + j + kF), ov));
         }
       }
       for (int64_t j = nv; j < n; ++j) {
@@ -131,7 +117,7 @@ void rms_forward_rows(const T* x, const A* w, O* y, A* rstd, int64_t rows, int64
 
 template <typename T, typename O, typename A>
 void layer_forward_rows(const T* x, const A* w, const A* bias, O* y, A* mean, A* rstd, int64_t rows, int64_t n, A eps) {
-  at::parallel_for(0, rows, row_grain(n), [&](int64_t begin, int64_t end) {
+  parallel_rows(0, rows, row_grain(n), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const T* xr = x + r * n;
       O* yr = y + r * n;
@@ -139,19 +125,19 @@ void layer_forward_rows(const T* x, const A* w, const A* bias, O* y, A* mean, A*
       // Two passes (mean, then squared deviations): no cancellation for rows with a large mean.
       const A mu = row_sum<A>(xr, n, [](auto v) { return v; }) / static_cast<A>(n);
       const A rs = row_rstd(row_sum<A>(xr, n, [mu](auto v) {
-                              const auto d = v - decltype(v)(mu);
+                              const auto d = v - mu;
                               return d * d;
                             }),
                             n, eps);
       mean[r] = mu;
       rstd[r] = rs;
       if constexpr (std::is_same_v<A, float>) {
-        const fVec mv(mu), rv(rs);
+        const fVec mv = simd::splat(mu), rv = simd::splat(rs);
         fVec a, b;
         for (int64_t j = 0; j < nv; j += kStep) {
           load2(xr + j, a, b);
-          store2(yr + j, norm::layer_y(a, mv, rv, fVec::loadu(w + j), fVec::loadu(bias + j)),
-                 norm::layer_y(b, mv, rv, fVec::loadu(w + j + kF), fVec::loadu(bias + j + kF)));
+          store2(yr + j, norm::layer_y(a, mv, rv, loadu(w + j), loadu(bias + j)),
+                 norm::layer_y(b, mv, rv, loadu(w + j + kF), loadu(bias + j + kF)));
         }
       }
       for (int64_t j = nv; j < n; ++j) {
@@ -166,7 +152,7 @@ void layer_forward_rows(const T* x, const A* w, const A* bias, O* y, A* mean, A*
 template <typename A>
 void sum_parts(const A* part, A* out, int64_t parts, int64_t n) {
   constexpr int64_t kCols = 256;
-  at::parallel_for(0, (n + kCols - 1) / kCols, 1, [&](int64_t begin, int64_t end) {
+  parallel_rows(0, (n + kCols - 1) / kCols, 1, [&](int64_t begin, int64_t end) {
     for (int64_t c = begin; c < end; ++c) {
       const int64_t j0 = c * kCols;
       const int64_t j1 = std::min(n, j0 + kCols);
@@ -174,7 +160,7 @@ void sum_parts(const A* part, A* out, int64_t parts, int64_t n) {
       if constexpr (std::is_same_v<A, float>) {
         for (; j + kF <= j1; j += kF) {
           const float* col = part + j;
-          norm::pairwise_sum<fVec>(parts, [&](int64_t p) { return fVec::loadu(col + p * n); }).store(out + j);
+          simd::store(out + j, norm::pairwise_sum<fVec>(parts, [&](int64_t p) { return loadu(col + p * n); }));
         }
       }
       for (; j < j1; ++j) {
@@ -194,7 +180,7 @@ inline norm::RowPartition cpu_partition(int64_t rows) { return norm::partition_r
 template <size_t K, typename A, typename Row>
 void reduce_rows_by_part(int64_t rows, int64_t n, const std::array<A*, K>& outs, const Row& row) {
   if (std::all_of(outs.begin(), outs.end(), [](const A* out) { return out == nullptr; })) {
-    at::parallel_for(0, rows, row_grain(n), [&](int64_t begin, int64_t end) {
+    parallel_rows(0, rows, row_grain(n), [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
         row(r, std::array<A*, K>{});
       }
@@ -208,7 +194,7 @@ void reduce_rows_by_part(int64_t rows, int64_t n, const std::array<A*, K>& outs,
       part[k].assign(static_cast<size_t>(split.parts * n), A(0));
     }
   }
-  at::parallel_for(0, split.parts, 1, [&](int64_t pbegin, int64_t pend) {
+  parallel_rows(0, split.parts, 1, [&](int64_t pbegin, int64_t pend) {
     for (int64_t p = pbegin; p < pend; ++p) {
       std::array<A*, K> acc{};
       for (size_t k = 0; k < K; ++k) {
@@ -242,13 +228,13 @@ void rms_backward_rows(const G* g, const T* x, const A* w, const A* rstd, T* dx,
     // mean(g * w' * xhat) = sum(g * w' * x) * rstd / n.
     A dot = 0;
     if constexpr (DX && std::is_same_v<A, float>) {
-      const fVec ov(offset);
-      fVec s0(0.f), s1(0.f), a, b, ga, gb;
+      const fVec ov = simd::splat(offset);
+      fVec s0 = simd::splat(0.f), s1 = s0, a, b, ga, gb;
       for (int64_t j = 0; j < nv; j += kStep) {
         load2(xr + j, a, b);
         load2(gr + j, ga, gb);
-        s0 = at::vec::fmadd(ga * (fVec::loadu(w + j) + ov), a, s0);
-        s1 = at::vec::fmadd(gb * (fVec::loadu(w + j + kF) + ov), b, s1);
+        s0 = fmadd(ga * (loadu(w + j) + ov), a, s0);
+        s1 = fmadd(gb * (loadu(w + j + kF) + ov), b, s1);
       }
       dot = hsum(s0 + s1);
     }
@@ -259,7 +245,7 @@ void rms_backward_rows(const G* g, const T* x, const A* w, const A* rstd, T* dx,
     }
     const A c1 = dot * rs / static_cast<A>(n);
     if constexpr (std::is_same_v<A, float>) {
-      const fVec ov(offset), rv(rs), zero(0.f), cv(c1);
+      const fVec ov = simd::splat(offset), rv = simd::splat(rs), zero = simd::splat(0.f), cv = simd::splat(c1);
       fVec a, b, ga, gb;
       for (int64_t j = 0; j < nv; j += kStep) {
         load2(xr + j, a, b);
@@ -267,16 +253,16 @@ void rms_backward_rows(const G* g, const T* x, const A* w, const A* rstd, T* dx,
         a = a * rv;
         b = b * rv;
         if constexpr (DX) {
-          const fVec da = norm_dx(ga * (fVec::loadu(w + j) + ov), a, rv, zero, cv);
-          const fVec db = norm_dx(gb * (fVec::loadu(w + j + kF) + ov), b, rv, zero, cv);
+          const fVec da = norm_dx(ga * (loadu(w + j) + ov), a, rv, zero, cv);
+          const fVec db = norm_dx(gb * (loadu(w + j + kF) + ov), b, rv, zero, cv);
           store2(dxr + j, da, db);
         }
         if constexpr (DW) {
           if constexpr (LLAMA) {
             round2<T>(a, b);
           }
-          at::vec::fmadd(ga, a, fVec::loadu(pw + j)).store(pw + j);
-          at::vec::fmadd(gb, b, fVec::loadu(pw + j + kF)).store(pw + j + kF);
+          simd::store(pw + j, fmadd(ga, a, loadu(pw + j)));
+          simd::store(pw + j + kF, fmadd(gb, b, loadu(pw + j + kF)));
         }
       }
     }
@@ -310,17 +296,17 @@ void layer_backward_rows(const G* g, const T* x, const A* w, const A* mean, cons
     const int64_t nv = vec_end<T, A>(n);
     A sum_gw = 0, sum_gwx = 0;
     if constexpr (DX && std::is_same_v<A, float>) {
-      const fVec mv(mu), rv(rs);
-      fVec s0(0.f), s1(0.f), t0(0.f), t1(0.f), a, b, ga, gb;
+      const fVec mv = simd::splat(mu), rv = simd::splat(rs);
+      fVec s0 = simd::splat(0.f), s1 = s0, t0 = s0, t1 = s0, a, b, ga, gb;
       for (int64_t j = 0; j < nv; j += kStep) {
         load2(xr + j, a, b);
         load2(gr + j, ga, gb);
-        const fVec gwa = ga * fVec::loadu(w + j);
-        const fVec gwb = gb * fVec::loadu(w + j + kF);
+        const fVec gwa = ga * loadu(w + j);
+        const fVec gwb = gb * loadu(w + j + kF);
         s0 = s0 + gwa;
         s1 = s1 + gwb;
-        t0 = at::vec::fmadd(gwa, (a - mv) * rv, t0);
-        t1 = at::vec::fmadd(gwb, (b - mv) * rv, t1);
+        t0 = fmadd(gwa, (a - mv) * rv, t0);
+        t1 = fmadd(gwb, (b - mv) * rv, t1);
       }
       sum_gw = hsum(s0 + s1);
       sum_gwx = hsum(t0 + t1);
@@ -335,7 +321,7 @@ void layer_backward_rows(const G* g, const T* x, const A* w, const A* mean, cons
     const A c0 = sum_gw / static_cast<A>(n);
     const A c1 = sum_gwx / static_cast<A>(n);
     if constexpr (std::is_same_v<A, float>) {
-      const fVec mv(mu), rv(rs), c0v(c0), c1v(c1);
+      const fVec mv = simd::splat(mu), rv = simd::splat(rs), c0v = simd::splat(c0), c1v = simd::splat(c1);
       fVec a, b, ga, gb;
       for (int64_t j = 0; j < nv; j += kStep) {
         load2(xr + j, a, b);
@@ -343,16 +329,16 @@ void layer_backward_rows(const G* g, const T* x, const A* w, const A* mean, cons
         a = (a - mv) * rv;
         b = (b - mv) * rv;
         if constexpr (DX) {
-          store2(dxr + j, norm_dx(ga * fVec::loadu(w + j), a, rv, c0v, c1v),
-                 norm_dx(gb * fVec::loadu(w + j + kF), b, rv, c0v, c1v));
+          store2(dxr + j, norm_dx(ga * loadu(w + j), a, rv, c0v, c1v),
+                 norm_dx(gb * loadu(w + j + kF), b, rv, c0v, c1v));
         }
         if constexpr (DW) {
-          at::vec::fmadd(ga, a, fVec::loadu(pw + j)).store(pw + j);
-          at::vec::fmadd(gb, b, fVec::loadu(pw + j + kF)).store(pw + j + kF);
+          simd::store(pw + j, fmadd(ga, a, loadu(pw + j)));
+          simd::store(pw + j + kF, fmadd(gb, b, loadu(pw + j + kF)));
         }
         if constexpr (DB) {
-          (fVec::loadu(pb + j) + ga).store(pb + j);
-          (fVec::loadu(pb + j + kF) + gb).store(pb + j + kF);
+          simd::store(pb + j, loadu(pb + j) + ga);
+          simd::store(pb + j + kF, loadu(pb + j + kF) + gb);
         }
       }
     }
@@ -387,7 +373,7 @@ void with_flags(Fn&& fn, bool flag, Rest... rest) {
 // Calls fn(T{}, U{}, A{}, rows, n, flag_tags...): x's type, `other`'s type (the output, or the
 // incoming gradient), the math type, x seen as rows of n, and `flags` as with_flags gives them.
 template <typename Fn, typename... Flags>
-void dispatch_rows(const at::Tensor& x, const at::Tensor& other, Fn&& fn, Flags... flags) {
+void dispatch_rows(const Tensor& x, const Tensor& other, Fn&& fn, Flags... flags) {
   const int64_t n = x.size(-1);
   const int64_t rows = x.numel() / n;
   dispatch_norm_types(x.scalar_type(), other.scalar_type(), [&](auto t, auto u, auto acc) {
@@ -397,16 +383,16 @@ void dispatch_rows(const at::Tensor& x, const at::Tensor& other, Fn&& fn, Flags.
 
 // t's data as the C++ type of `tag`, to read, or to write (null for an output the mask left out).
 template <typename P>
-const P* read_ptr(const at::Tensor& t, P /*tag*/) {
-  return t.const_data_ptr<P>();
+const P* read_ptr(const Tensor& t, P /*tag*/) {
+  return data_of<P>(t);
 }
 
 template <typename P>
-P* write_ptr(const at::Tensor& t, P /*tag*/) {
+P* write_ptr(const Tensor& t, P /*tag*/) {
   return data_or_null<P>(t);
 }
 
-void rms_norm_forward(const at::Tensor& x, const at::Tensor& w, at::Tensor& y, at::Tensor& rstd, double eps,
+void rms_norm_forward(const Tensor& x, const Tensor& w, Tensor& y, Tensor& rstd, double eps,
                       double offset, bool llama) {
   dispatch_rows(
       x, y,
@@ -417,8 +403,8 @@ void rms_norm_forward(const at::Tensor& x, const at::Tensor& w, at::Tensor& y, a
       llama);
 }
 
-void rms_norm_backward(const at::Tensor& g, const at::Tensor& x, const at::Tensor& w, const at::Tensor& rstd,
-                       at::Tensor& dx, at::Tensor& dw, double offset, bool llama) {
+void rms_norm_backward(const Tensor& g, const Tensor& x, const Tensor& w, const Tensor& rstd,
+                       Tensor& dx, Tensor& dw, double offset, bool llama) {
   dispatch_rows(
       x, g,
       [&](auto t, auto gt, auto a, int64_t rows, int64_t n, auto... flags) {
@@ -428,16 +414,16 @@ void rms_norm_backward(const at::Tensor& g, const at::Tensor& x, const at::Tenso
       llama, dx.defined(), dw.defined());
 }
 
-void layer_norm_forward(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b, at::Tensor& y,
-                        at::Tensor& mean, at::Tensor& rstd, double eps) {
+void layer_norm_forward(const Tensor& x, const Tensor& w, const Tensor& b, Tensor& y,
+                        Tensor& mean, Tensor& rstd, double eps) {
   dispatch_rows(x, y, [&](auto t, auto o, auto a, int64_t rows, int64_t n) {
     layer_forward_rows(read_ptr(x, t), read_ptr(w, a), read_ptr(b, a), write_ptr(y, o), write_ptr(mean, a),
                        write_ptr(rstd, a), rows, n, static_cast<decltype(a)>(eps));
   });
 }
 
-void layer_norm_backward(const at::Tensor& g, const at::Tensor& x, const at::Tensor& w, const at::Tensor& mean,
-                         const at::Tensor& rstd, at::Tensor& dx, at::Tensor& dw, at::Tensor& db) {
+void layer_norm_backward(const Tensor& g, const Tensor& x, const Tensor& w, const Tensor& mean,
+                         const Tensor& rstd, Tensor& dx, Tensor& dw, Tensor& db) {
   dispatch_rows(
       x, g,
       [&](auto t, auto gt, auto a, int64_t rows, int64_t n, auto... flags) {

@@ -1,28 +1,26 @@
 // CPU kernels of the offload ops. They run the same bookkeeping as CUDA with real copies into
 // the host pool, so CPU tests cover everything above the device copy itself.
-#include <torch/library.h>
-
 #include "torchgc/host_pool.h"
 #include "torchgc/offload.h"
 
 namespace torchgc {
 
-at::Tensor reload_cpu(const at::Tensor& host) {
-  auto out = at::empty(host.sizes(), host.options());
-  out.copy_(host);
+Tensor reload_cpu(const Tensor& host) {
+  auto out = torch::stable::empty(host.sizes(), host.scalar_type());
+  torch::stable::copy_(out, host);
   return out;
 }
 
 namespace {
 
-at::Tensor offload_cpu(const at::Tensor& x) {
+Tensor offload_cpu(Tensor x) {
   check_offload_input(x, "offload");
-  auto host = HostPool::instance().empty(x.sizes(), x.scalar_type());
-  host.copy_(x);
+  auto host = HostPool::instance().empty_like(x);
+  torch::stable::copy_(host, x);
   return host;
 }
 
-void wait_cpu(at::Tensor& x) {
+void wait_cpu(Tensor x) {
   // CPU copies are synchronous: nothing is pending.
   check_offload_input(x, "wait");
 }
@@ -30,7 +28,7 @@ void wait_cpu(at::Tensor& x) {
 }  // namespace
 }  // namespace torchgc
 
-TORCH_LIBRARY_IMPL(torchgc, CPU, m) {
-  m.impl("offload", &torchgc::offload_cpu);
-  m.impl("wait", &torchgc::wait_cpu);
+STABLE_TORCH_LIBRARY_IMPL(torchgc, CPU, m) {
+  m.impl("offload", TORCH_BOX(&torchgc::offload_cpu));
+  m.impl("wait", TORCH_BOX(&torchgc::wait_cpu));
 }

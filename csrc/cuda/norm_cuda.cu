@@ -4,14 +4,11 @@
 // for float64 x) with warp shuffles. The weight gradient is reduced in two stages with no
 // atomics: each row group owns a row of a [groups, hidden] buffer, then a second kernel sums
 // each column over the groups in a fixed pairwise order.
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <torch/library.h>
-
 #include <algorithm>
 #include <cstdint>
 #include <vector>
 
+#include "cuda/cuda_runtime.h"
 #include "torchgc/norm.h"
 #include "torchgc/norm_row.h"
 
@@ -334,13 +331,14 @@ void dispatch_vec(int64_t n, const std::vector<std::pair<const void*, size_t>>& 
   }
 }
 
+void check_launch(const char* op) { cuda::check(cudaGetLastError(), op, "the kernel launch"); }
+
 template <typename A>
-void sum_parts(const at::Tensor& part, at::Tensor& out, cudaStream_t stream) {
+void sum_parts(const Tensor& part, Tensor& out, cudaStream_t stream) {
   const int64_t parts = part.size(0);
   const int64_t n = part.size(1);
-  sum_parts_kernel<A><<<static_cast<int>((n + 255) / 256), 256, 0, stream>>>(part.const_data_ptr<A>(),
-                                                                            out.mutable_data_ptr<A>(), parts, n);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  sum_parts_kernel<A><<<static_cast<int>((n + 255) / 256), 256, 0, stream>>>(data_of<A>(part), data_or_null<A>(out), parts, n);
+  check_launch("norm backward");
 }
 
 // Row groups of the weight-gradient reduction. The split depends on the row count only, not on
@@ -360,7 +358,7 @@ struct LaunchShape {
   int64_t n;
   cudaStream_t stream;
   norm::RowPartition split{};
-  std::vector<at::Tensor> parts{};
+  std::vector<Tensor> parts{};
 };
 
 // Launchers, in the NormKernels shape: inputs contiguous, parameters in the math dtype, outputs
@@ -368,48 +366,46 @@ struct LaunchShape {
 // Picks the types and pack width (x, y and `params`, in the math dtype, must allow whole packs)
 // and the launch shape, then lets `launch` launch its forward kernel.
 template <typename Launch>
-void run_forward(const at::Tensor& x, const at::Tensor& y, std::initializer_list<const at::Tensor*> params,
-                 Launch&& launch) {
-  c10::cuda::CUDAGuard guard(x.device());
+void run_forward(const Tensor& x, const Tensor& y, std::initializer_list<const Tensor*> params, Launch&& launch) {
+  cuda::DeviceGuard guard(x.get_device_index(), "norm forward");
   const int64_t n = x.size(-1);
   const int64_t rows = x.numel() / n;
-  auto stream = at::cuda::getCurrentCUDAStream();
+  const cudaStream_t stream = cuda::current_stream(x.get_device_index());
   dispatch_norm_types(x.scalar_type(), y.scalar_type(), [&](auto t, auto o, auto acc) {
-    std::vector<std::pair<const void*, size_t>> ptrs{{x.const_data_ptr(), sizeof(t)}, {y.const_data_ptr(), sizeof(o)}};
-    for (const at::Tensor* p : params) {
-      ptrs.emplace_back(p->const_data_ptr(), sizeof(acc));
+    std::vector<std::pair<const void*, size_t>> ptrs{{x.data_ptr(), sizeof(t)}, {y.data_ptr(), sizeof(o)}};
+    for (const Tensor* p : params) {
+      ptrs.emplace_back(p->data_ptr(), sizeof(acc));
     }
     dispatch_vec<decltype(t)>(n, ptrs, [&](auto vec) {
       const auto rl = row_launch(n / decltype(vec)::value);
       const int64_t rows_per_block = rl.threads / rl.tpr;
       const LaunchShape shape{dim3(grid_for((rows + rows_per_block - 1) / rows_per_block)), rl, rows, n, stream};
       launch(t, o, acc, vec, shape);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      check_launch("norm forward");
     });
   });
 }
 
-void rms_forward(const at::Tensor& x, const at::Tensor& w, at::Tensor& y, at::Tensor& rstd, double eps, double offset,
-                 bool llama) {
+void rms_forward(const Tensor& x, const Tensor& w, Tensor& y, Tensor& rstd, double eps, double offset, bool llama) {
   run_forward(x, y, {&w}, [&](auto t, auto o, auto acc, auto vec, const LaunchShape& s) {
     using T = decltype(t);
     using O = decltype(o);
     using A = decltype(acc);
     rms_forward_kernel<T, O, A, decltype(vec)::value><<<s.grid, s.rl.threads, 0, s.stream>>>(
-        x.const_data_ptr<T>(), w.const_data_ptr<A>(), y.mutable_data_ptr<O>(), rstd.mutable_data_ptr<A>(), s.rows,
+        data_of<T>(x), data_of<A>(w), data_or_null<O>(y), data_or_null<A>(rstd), s.rows,
         s.n, static_cast<A>(eps), static_cast<A>(offset), llama, s.rl.tpr);
   });
 }
 
-void layer_forward(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b, at::Tensor& y, at::Tensor& mean,
-                   at::Tensor& rstd, double eps) {
+void layer_forward(const Tensor& x, const Tensor& w, const Tensor& b, Tensor& y, Tensor& mean, Tensor& rstd,
+                   double eps) {
   run_forward(x, y, {&w, &b}, [&](auto t, auto o, auto acc, auto vec, const LaunchShape& s) {
     using T = decltype(t);
     using O = decltype(o);
     using A = decltype(acc);
     layer_forward_kernel<T, O, A, decltype(vec)::value><<<s.grid, s.rl.threads, 0, s.stream>>>(
-        x.const_data_ptr<T>(), w.const_data_ptr<A>(), b.const_data_ptr<A>(), y.mutable_data_ptr<O>(),
-        mean.mutable_data_ptr<A>(), rstd.mutable_data_ptr<A>(), s.rows, s.n, static_cast<A>(eps), s.rl.tpr);
+        data_of<T>(x), data_of<A>(w), data_of<A>(b), data_or_null<O>(y), data_or_null<A>(mean), data_or_null<A>(rstd),
+        s.rows, s.n, static_cast<A>(eps), s.rl.tpr);
   });
 }
 
@@ -417,34 +413,34 @@ void layer_forward(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b
 // in `reduced` (shape.parts; an undefined one for an output the mask left out) to launch its
 // kernel with, then reduces each into its output.
 template <typename Launch>
-void run_backward(const at::Tensor& g, const at::Tensor& x, const at::Tensor& w, const at::Tensor& dx,
-                  std::initializer_list<at::Tensor*> reduced, Launch&& launch) {
-  c10::cuda::CUDAGuard guard(x.device());
+void run_backward(const Tensor& g, const Tensor& x, const Tensor& w, const Tensor& dx,
+                  std::initializer_list<Tensor*> reduced, Launch&& launch) {
+  cuda::DeviceGuard guard(x.get_device_index(), "norm backward");
   const int64_t n = x.size(-1);
   const int64_t rows = x.numel() / n;
-  auto stream = at::cuda::getCurrentCUDAStream();
+  const cudaStream_t stream = cuda::current_stream(x.get_device_index());
   dispatch_norm_types(x.scalar_type(), g.scalar_type(), [&](auto t, auto gt, auto acc) {
     using T = decltype(t);
     using G = decltype(gt);
     using A = decltype(acc);
-    dispatch_vec<T>(n, {{x.const_data_ptr(), sizeof(T)}, {g.const_data_ptr(), sizeof(G)}, {w.const_data_ptr(), sizeof(A)},
+    dispatch_vec<T>(n, {{x.data_ptr(), sizeof(T)}, {g.data_ptr(), sizeof(G)}, {w.data_ptr(), sizeof(A)},
                         {data_or_null<T>(dx), sizeof(T)}},
                     [&](auto vec) {
                       const auto rl = row_launch(n / decltype(vec)::value);
                       const bool reduce = std::any_of(reduced.begin(), reduced.end(),
-                                                      [](const at::Tensor* out) { return out->defined(); });
+                                                      [](const Tensor* out) { return out->defined(); });
                       const auto split = cuda_partition(rows, reduce);
                       const int64_t groups_per_block = rl.threads / rl.tpr;
                       LaunchShape shape{dim3(grid_for((split.parts + groups_per_block - 1) / groups_per_block)), rl,
                                         rows, n, stream, split};
-                      for (const at::Tensor* out : reduced) {
-                        shape.parts.push_back(out->defined() ? at::zeros({split.parts, n}, out->options())
-                                                             : at::Tensor());
+                      const std::vector<int64_t> part_sizes{split.parts, n};
+                      for (const Tensor* out : reduced) {
+                        shape.parts.push_back(out->defined() ? torch::stable::new_zeros(*out, part_sizes) : Tensor());
                       }
                       launch(t, gt, acc, vec, shape);
-                      C10_CUDA_KERNEL_LAUNCH_CHECK();
+                      check_launch("norm backward");
                       size_t i = 0;
-                      for (at::Tensor* out : reduced) {
+                      for (Tensor* out : reduced) {
                         if (out->defined()) {
                           sum_parts<A>(shape.parts[i], *out, stream);
                         }
@@ -454,28 +450,28 @@ void run_backward(const at::Tensor& g, const at::Tensor& x, const at::Tensor& w,
   });
 }
 
-void rms_backward(const at::Tensor& g, const at::Tensor& x, const at::Tensor& w, const at::Tensor& rstd,
-                  at::Tensor& dx, at::Tensor& dw, double offset, bool llama) {
+void rms_backward(const Tensor& g, const Tensor& x, const Tensor& w, const Tensor& rstd, Tensor& dx, Tensor& dw,
+                  double offset, bool llama) {
   run_backward(g, x, w, dx, {&dw}, [&](auto t, auto gt, auto acc, auto vec, const LaunchShape& s) {
     using T = decltype(t);
     using G = decltype(gt);
     using A = decltype(acc);
     rms_backward_kernel<T, G, A, decltype(vec)::value><<<s.grid, s.rl.threads, 0, s.stream>>>(
-        g.const_data_ptr<G>(), x.const_data_ptr<T>(), w.const_data_ptr<A>(), rstd.const_data_ptr<A>(),
+        data_of<G>(g), data_of<T>(x), data_of<A>(w), data_of<A>(rstd),
         data_or_null<T>(dx), data_or_null<A>(s.parts[0]), s.rows, s.n, static_cast<A>(offset), llama,
         s.rl.tpr, s.split.parts, s.split.rows_per_part);
   });
 }
 
-void layer_backward(const at::Tensor& g, const at::Tensor& x, const at::Tensor& w, const at::Tensor& mean,
-                    const at::Tensor& rstd, at::Tensor& dx, at::Tensor& dw, at::Tensor& db) {
+void layer_backward(const Tensor& g, const Tensor& x, const Tensor& w, const Tensor& mean, const Tensor& rstd,
+                    Tensor& dx, Tensor& dw, Tensor& db) {
   run_backward(g, x, w, dx, {&dw, &db}, [&](auto t, auto gt, auto acc, auto vec, const LaunchShape& s) {
     using T = decltype(t);
     using G = decltype(gt);
     using A = decltype(acc);
     layer_backward_kernel<T, G, A, decltype(vec)::value><<<s.grid, s.rl.threads, 0, s.stream>>>(
-        g.const_data_ptr<G>(), x.const_data_ptr<T>(), w.const_data_ptr<A>(), mean.const_data_ptr<A>(),
-        rstd.const_data_ptr<A>(), data_or_null<T>(dx), data_or_null<A>(s.parts[0]), data_or_null<A>(s.parts[1]),
+        data_of<G>(g), data_of<T>(x), data_of<A>(w), data_of<A>(mean),
+        data_of<A>(rstd), data_or_null<T>(dx), data_or_null<A>(s.parts[0]), data_or_null<A>(s.parts[1]),
         s.rows, s.n, s.rl.tpr, s.split.parts, s.split.rows_per_part);
   });
 }
@@ -485,7 +481,9 @@ const NormKernels& cuda_kernels() {
   return kernels;
 }
 
+using CudaNormOps = NormOps<&cuda_kernels>;
+
 }  // namespace
 }  // namespace torchgc
 
-TORCH_LIBRARY_IMPL(torchgc, CUDA, m) { torchgc::register_norm_ops<&torchgc::cuda_kernels>(m); }
+STABLE_TORCH_LIBRARY_IMPL(torchgc, CUDA, m) { TORCHGC_REGISTER_NORM_OPS(m, torchgc::CudaNormOps); }

@@ -5,7 +5,7 @@
 // without bound. Cached blocks beyond a cap are released least recently freed first, back to the
 // OS (each block is its own mmap). Pinned blocks (CUDA) come from torch's caching host allocator
 // and are only counted here.
-#include <ATen/ATen.h>
+#include "torchgc/stable.h"
 
 #include <cstdint>
 #include <list>
@@ -36,12 +36,11 @@ class HostPool {
   // of the power of two below it.
   static size_t size_class(size_t nbytes);
 
-  // A contiguous CPU tensor backed by a cached pageable block.
-  at::Tensor empty(at::IntArrayRef sizes, at::ScalarType dtype);
-  // Wraps a block from another allocator (pinned memory) so its bytes count as in use.
-  at::Tensor adopt(c10::DataPtr block, size_t nbytes, at::IntArrayRef sizes, at::ScalarType dtype);
-  // The DataPtr of `host` as its own allocator made it, if `host` came from adopt(); else null.
-  static const c10::DataPtr* adopted_block(const at::Tensor& host);
+  // A contiguous CPU tensor like `like` (its sizes and dtype) backed by a cached pageable block.
+  Tensor empty_like(const Tensor& like);
+  // A tensor on `block`'s memory (pinned memory from torch's allocator) whose bytes count as in
+  // use until it is freed; it holds `block` until then.
+  Tensor adopt(const Tensor& block);
 
   HostPoolStats stats();
   // Caps the cached (not in use) pageable bytes: `bytes` >= 0, or kAutomaticLimit.
@@ -52,11 +51,9 @@ class HostPool {
 
  private:
   struct Block;
-  struct Adopted;
-  static void free_block(void* ctx);
-  static void free_adopted(void* ctx);
   Block* take_cached(size_t cls);
   void release(Block* block);
+  void release_adopted(int64_t nbytes);
   int64_t cache_limit_locked() const;
   void trim_locked(int64_t keep_cached_bytes);
 

@@ -1,9 +1,9 @@
 #pragma once
-// Per-row arithmetic of the fused norms, shared by the CPU kernels (scalar and at::vec) and the
+// Per-row arithmetic of the fused norms, shared by the CPU kernels (scalar and SIMD) and the
 // CUDA kernels, so the C++ tests check the formulas the GPU runs. `A` is the math type (float,
 // or double for float64 inputs); `V` is A or a SIMD vector of A.
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
+#include <torch/headeronly/util/BFloat16.h>
+#include <torch/headeronly/util/Half.h>
 
 #include <cmath>
 #include <cstdint>
@@ -105,7 +105,7 @@ TORCHGC_NORM_HD V pairwise_sum(int64_t n, const Load& load) {
     stack[top++] = s;
   }
   if (top == 0) {
-    return V(0);
+    return V{};
   }
   V total = stack[top - 1];
   for (int i = top - 2; i >= 0; --i) {
