@@ -8,6 +8,7 @@ import re
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -74,6 +75,26 @@ def test_the_cuda_library_is_loaded_exactly_under_a_cuda_torch():
     assert ("_C_cuda.so" in loaded_objects()) == torchgc.BUILD_INFO.with_cuda
     if torch.version.cuda is None:
         assert "libcudart" not in loaded_objects()
+
+
+def test_auto_and_the_fused_norms_use_cuda_kernels_only_where_the_build_has_them():
+    # Fake CUDA tensors: what a model on a GPU hands torchgc, on a machine without one.
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from torchgc import modes, offload, ops
+
+    with FakeTensorMode():
+        x = torch.empty(1024, 1024, device="cuda", dtype=torch.bfloat16)
+        weight = torch.ones(1024, device="cuda")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            offloads = modes.wants_offload(offload.OffloadPolicy(devices=offload.ACCELERATORS), (x,))
+            y = ops.rms_norm(x, weight, 1e-6)  # the kernel, or the same math as torch ops: never an error
+    assert offloads == torchgc.BUILD_INFO.with_cuda
+    assert y.shape == x.shape and y.dtype == x.dtype
+    said = " ".join(str(w.message) for w in caught)
+    assert ("strategy 'auto' checkpoints instead" in said) == (not torchgc.BUILD_INFO.with_cuda), said
+    assert ("the same fp32 norm runs as torch ops" in said) == (not torchgc.BUILD_INFO.cuda_norm), said
 
 
 @pytest.mark.parametrize("strategy", ["checkpoint", "offload"])

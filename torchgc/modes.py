@@ -24,7 +24,7 @@ import torch
 import torch.utils.checkpoint
 from torch.utils import _pytree as pytree
 
-from torchgc import counters, selective
+from torchgc import counters, ops, selective
 from torchgc.layer_calls import any_tensor_requires_grad, is_frozen
 from torchgc.offload import OffloadPolicy, offload_hooks
 
@@ -105,13 +105,16 @@ def run_recompute(function: Callable, args: tuple, kwargs: dict, *, module, froz
 
 def wants_offload(policy: Optional[OffloadPolicy], args: tuple) -> bool:
     """Whether a call with ``args`` offloads under ``policy``: always for strategy offload (every
-    device), and for auto when an input lives on one of its devices and is at least its min_bytes."""
+    device), and for auto when an input lives on one of its devices and is at least its min_bytes,
+    and the loaded op libraries can offload from that device (else auto checkpoints, after one
+    warning naming why: it never chooses what the libraries cannot run)."""
     if policy is None:
         return False
     if policy.devices is None:
         return True
     return any(
         isinstance(a, torch.Tensor) and a.device.type in policy.devices and a.numel() * a.element_size() >= policy.min_bytes
+        and ops.usable_on("offload", a.device.type, "strategy 'auto' checkpoints instead of offloading")
         for a in args
     )
 

@@ -9,6 +9,7 @@ The list of ops is not kept here: it is read from the schemas the library define
 
 import math
 import threading
+import warnings
 from numbers import Real
 from typing import NamedTuple, Optional
 
@@ -59,18 +60,44 @@ def _defined_ops() -> list:
 _DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
 
 
+def missing_kernel(op: str, device: "torch.device | str") -> Optional[str]:
+    """Why the loaded libraries cannot run `op` on the device type of `device`, or None when they
+    can. A CPU-only torch loads no CUDA kernels, and a build without nvcc has the CUDA offload
+    kernels but not the CUDA norm ones."""
+    device_type = torch.device(device).type
+    key = _DISPATCH_KEYS.get(device_type)
+    if key is None:
+        return f"torchgc has no kernels for {device_type} devices"
+    try:
+        info = load_library()
+    except ImportError as exc:
+        return f"torchgc's op library cannot load: {exc}"
+    if torch._C._dispatch_has_kernel_for_dispatch_key(f"torchgc::{op}", key):
+        return None
+    if device_type == "cuda" and not info.with_cuda:
+        return "torchgc's CUDA library is not loaded (torch is a CPU-only build, or torchgc was built without it)"
+    return f"this build of torchgc has no {key} kernel of torchgc::{op} (the CUDA norm kernels need nvcc at build time)"
+
+
 def supports(op: str, device: "torch.device | str") -> bool:
     """Whether the loaded libraries have a kernel of `op` for the device type of `device` (False
-    when they cannot load). A CPU-only torch loads no CUDA kernels, and a build without nvcc has the
-    CUDA offload kernels but not the CUDA norm ones."""
-    key = _DISPATCH_KEYS.get(torch.device(device).type)
-    if key is None:
-        return False
-    try:
-        load_library()
-    except ImportError:
-        return False
-    return torch._C._dispatch_has_kernel_for_dispatch_key(f"torchgc::{op}", key)
+    when they cannot load)."""
+    return missing_kernel(op, device) is None
+
+
+_warned_fallbacks = set()
+
+
+# Under torch.compile this runs at trace time (no graph break); the answer is fixed per process.
+@torch.compiler.assume_constant_result
+def usable_on(op: str, device_type: str, instead: str) -> bool:
+    """supports(op, device_type), warning once per op and device type when it does not, naming
+    why and what runs `instead`."""
+    why = missing_kernel(op, device_type)
+    if why is not None and (op, device_type) not in _warned_fallbacks:
+        _warned_fallbacks.add((op, device_type))
+        warnings.warn(f"torchgc: {why}; on {device_type}, {instead}", stacklevel=3)
+    return why is None
 
 
 class HostPoolStats(NamedTuple):
@@ -149,6 +176,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 
     if casting not in _RMS_CASTINGS:
         raise ValueError(f"torchgc.ops.rms_norm: expected casting to be one of {_RMS_CASTINGS}, got {casting!r}")
     _check_scalars("rms_norm", eps=eps, offset=offset, fp32_output=fp32_output)
+    if not _fused_on(x, "rms_norm"):
+        return _rms_norm_composite(x, weight, float(eps), float(offset), casting == "llama", fp32_output)
     y, _ = _op("rms_norm")(x, weight, float(eps), float(offset), casting == "llama", fp32_output)
     return y
 
@@ -158,8 +187,19 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: "torch.Tensor | None
     """LayerNorm over the last dimension with fp32 math; bias may be None. Differentiable with
     respect to x, weight and bias."""
     _check_scalars("layer_norm", eps=eps, fp32_output=fp32_output)
+    if not _fused_on(x, "layer_norm"):
+        return _layer_norm_composite(x, weight, bias, float(eps), fp32_output)
     y, _, _ = _op("layer_norm")(x, weight, bias, float(eps), fp32_output)
     return y
+
+
+def _fused_on(x: torch.Tensor, op: str) -> bool:
+    """Whether x's device has the fused kernel. On an accelerator without it (a build without
+    nvcc), the same fp32 math runs as torch ops instead, after one warning: never an error at the
+    first training step."""
+    if x.device.type in ("cpu", "meta"):
+        return True  # meta tensors run the fake kernels
+    return usable_on(op, x.device.type, "the same fp32 norm runs as torch ops instead, slower")
 
 
 def _check_scalars(op, *, fp32_output, **scalars):
