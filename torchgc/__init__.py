@@ -12,6 +12,7 @@ from torchgc.counters import snapshot as stats
 from torchgc.integrations import distributed as _distributed
 from torchgc.integrations import llamafactory as _llamafactory
 from torchgc.integrations import transformers_layers as _transformers_layers
+from torchgc.integrations import transformers_outputs as _transformers_outputs
 from torchgc.integrations.llamafactory import prepare_model_for_training as llamafactory_prepare_model_for_training
 from torchgc.integrations.transformers_layers import explain
 from torchgc.patching import patch, patched, unpatch
@@ -19,6 +20,9 @@ from torchgc.strategies import checkpoint
 
 # torchgc.checkpoint falls back to non-reentrant checkpointing inside DDP(find_unused_parameters=True).
 modes.add_reentrant_check(_distributed.ddp_reentrant_conflict)
+# ... and where transformers collects outputs from inside the layer (router logits for the MoE
+# load-balancing loss), which a reentrant forward would collect without their graph.
+modes.add_reentrant_check(_transformers_outputs.reentrant_records)
 # It finds the layer inside the partials transformers passes.
 layer_calls.add_module_finder(_transformers_layers.layer_module)
 # torchgc.patch() routes LLaMA-Factory's model preparation.

@@ -32,10 +32,12 @@ from torchgc.offload import OffloadPolicy, offload_hooks
 # dispatch and its __call__ lie in between), a fixed line, so each shows once per process.
 _CALLER = 4
 
-# Checks consulted before every reentrant call: check(module) returns why reentrant checkpointing
-# would go wrong for a layer of `module` (None: it would not). Integrations that know a training
-# stack's rules register theirs with add_reentrant_check, so this layer needs no knowledge of them.
-_reentrant_checks: List[Callable[[Optional[torch.nn.Module]], Optional[str]]] = []
+# Checks consulted before every reentrant call: check(module, function) returns why reentrant
+# checkpointing would go wrong for this call of layer `module` (None: it would not). Integrations
+# that know a training stack's rules register theirs with add_reentrant_check, so this layer needs
+# no knowledge of them.
+ReentrantCheck = Callable[[Optional[torch.nn.Module], Callable], Optional[str]]
+_reentrant_checks: List[ReentrantCheck] = []
 
 # Where torch has the switch, the outputs selective keeps pass through the saved-tensor hooks around
 # the layer (save_on_cpu, a memory counter) like every other saved tensor; torch's old default
@@ -46,8 +48,8 @@ SAC_HOOKS = (
 )
 
 
-def add_reentrant_check(check: Callable[[Optional[torch.nn.Module]], Optional[str]]) -> None:
-    """Registers ``check(module) -> reason or None``; a reason makes torchgc.checkpoint use the
+def add_reentrant_check(check: ReentrantCheck) -> None:
+    """Registers ``check(module, function) -> reason or None``; a reason makes torchgc.checkpoint use the
     non-reentrant form for that call, with a warning naming the reason. Registering the same
     check twice has no effect."""
     if check not in _reentrant_checks:
@@ -86,7 +88,7 @@ def run_recompute(function: Callable, args: tuple, kwargs: dict, *, module, froz
     strategy offload or auto; None for checkpoint) wants its inputs."""
     if use_reentrant and module is not None and not frozen and not inputs_need_grad:
         args = _with_an_input_requiring_grad(args)
-    reason = _reentrant_would_fail(args, module) if use_reentrant else None
+    reason = _reentrant_would_fail(function, args, module) if use_reentrant else None
     if reason:
         warnings.warn(f"torchgc.checkpoint: {reason}; using the non-reentrant form for this layer", stacklevel=_CALLER)
         use_reentrant = False
@@ -119,7 +121,7 @@ def wants_offload(policy: Optional[OffloadPolicy], args: tuple) -> bool:
     )
 
 
-def _reentrant_would_fail(args, module: Optional[torch.nn.Module]) -> Optional[str]:
+def _reentrant_would_fail(function: Callable, args, module: Optional[torch.nn.Module]) -> Optional[str]:
     """Why reentrant checkpointing would go wrong for this call, if it would; the non-reentrant
     form gives the correct gradients in both cases."""
     if module is not None and not is_frozen(module) and not any_tensor_requires_grad(args):
@@ -127,7 +129,7 @@ def _reentrant_would_fail(args, module: Optional[torch.nn.Module]) -> Optional[s
         # layer has no floating-point input to lend one (see _with_an_input_requiring_grad).
         return "no input requires grad, so reentrant checkpointing would lose the layer's parameter gradients"
     for check in _reentrant_checks:
-        reason = check(module)
+        reason = check(module, function)
         if reason:
             return reason
     return None

@@ -9,7 +9,7 @@
 """
 
 import os
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 
@@ -53,7 +53,7 @@ def uses_fsdp2(model: torch.nn.Module) -> bool:
     return any(isinstance(_unwrap(m), classes) for m in _unwrap(model).modules())
 
 
-def ddp_reentrant_conflict(module: Optional[torch.nn.Module] = None) -> Optional[str]:
+def ddp_reentrant_conflict(module: Optional[torch.nn.Module] = None, function: Optional[Callable] = None) -> Optional[str]:
     """Why reentrant checkpointing would fail inside the DistributedDataParallel forward running
     now, if it would (for torchgc.modes.add_reentrant_check)."""
     if not torch.distributed.is_available():
