@@ -379,7 +379,6 @@ def test_bad_arguments_raise_a_clear_error(kwargs, match):
         torchgc.checkpoint(torch.nn.Linear(2, 2), torch.randn(1, 2), **kwargs)
 
 
-@pytest.mark.skipif(not torchgc.modes.SAC_HOOKS, reason="this torch's checkpoint has no respect_saved_tensors_hooks")
 def test_selective_keeps_its_outputs_through_the_hooks_around_it():
     # An outer saved-tensor hook (torch's save_on_cpu, a memory counter) sees what selective keeps,
     # as it sees every other saved tensor, and torch has nothing to warn about.

@@ -24,6 +24,7 @@ the layer compiled without checkpointing; no recompile after the first step):
   with a warning (torchgc.modes.usable_strategy).
 """
 
+import inspect
 import threading
 from typing import Callable, Optional
 
@@ -31,8 +32,15 @@ import torch
 import torch.utils.checkpoint
 
 from torchgc import selective
-from torchgc.modes import SAC_HOOKS
 from torchgc.offload import OffloadPolicy, offload_hooks
+
+# Where torch has the switch, the outputs selective keeps pass through the saved-tensor hooks around
+# the layer (save_on_cpu, a memory counter) like every other saved tensor; torch's old default
+# bypasses them, and warns that it will change.
+SAC_HOOKS = (
+    {"respect_saved_tensors_hooks": True}
+    if "respect_saved_tensors_hooks" in inspect.signature(torch.utils.checkpoint.checkpoint).parameters else {}
+)
 
 
 def checkpoint(function: Callable, args: tuple, kwargs: dict, *, selective_policy: bool, offload: Optional[OffloadPolicy],

@@ -4,8 +4,8 @@
 - offload: the same call inside torchgc.offload's saved-tensor hooks, which move the inputs torch's
   checkpoint saves to host memory (auto: only where an input lives on an accelerator and is large
   enough);
-- selective: torch's selective checkpoint contexts with torchgc.selective's policy (non-reentrant
-  only).
+- selective: torch's non-reentrant checkpoint with torchgc.selective_cache's contexts, which keep
+  the outputs of torchgc.selective's policy (non-reentrant only).
 
 The reentrant form has gaps that this closes: a layer whose inputs need no gradient gets a view of
 one that does (else its parameter gradients are lost), tensors passed as keywords travel as
@@ -16,7 +16,6 @@ make one call non-reentrant where a training stack's rules say reentrant would f
 import contextlib
 import dataclasses
 import functools
-import inspect
 import warnings
 from typing import Any, Callable, List, Optional
 
@@ -24,7 +23,7 @@ import torch
 import torch.utils.checkpoint
 from torch.utils import _pytree as pytree
 
-from torchgc import counters, ops, selective
+from torchgc import counters, ops, selective_cache
 from torchgc.layer_calls import any_tensor_requires_grad, is_frozen
 from torchgc.offload import OffloadPolicy, offload_hooks
 
@@ -38,15 +37,6 @@ _CALLER = 4
 # no knowledge of them.
 ReentrantCheck = Callable[[Optional[torch.nn.Module], Callable], Optional[str]]
 _reentrant_checks: List[ReentrantCheck] = []
-
-# Where torch has the switch, the outputs selective keeps pass through the saved-tensor hooks around
-# the layer (save_on_cpu, a memory counter) like every other saved tensor; torch's old default
-# bypasses them, and warns that it will change.
-SAC_HOOKS = (
-    {"respect_saved_tensors_hooks": True}
-    if "respect_saved_tensors_hooks" in inspect.signature(torch.utils.checkpoint.checkpoint).parameters else {}
-)
-
 
 def add_reentrant_check(check: ReentrantCheck) -> None:
     """Registers ``check(module, function) -> reason or None``; a reason makes torchgc.checkpoint use the
@@ -70,16 +60,16 @@ def usable_strategy(strategy: str, module: Optional[torch.nn.Module]) -> str:
 
 
 def run_selective(function: Callable, args: tuple, kwargs: dict, *, module, use_reentrant: bool, torch_kwargs: dict):
-    """The call under torch's selective checkpoint contexts with torchgc's policy."""
+    """The call under torch's non-reentrant checkpoint, keeping what torchgc's selective policy keeps."""
     if "context_fn" in torch_kwargs:
         raise ValueError("torchgc.checkpoint: argument 'context_fn' cannot be combined with strategy 'selective', "
                          f"which brings its own; got context_fn={torch_kwargs['context_fn']!r}")
     if use_reentrant:
-        warnings.warn("torchgc.checkpoint: strategy 'selective' is built on torch's selective checkpoint contexts, which "
+        warnings.warn("torchgc.checkpoint: strategy 'selective' is built on torch's checkpoint contexts (context_fn), which "
                       "only the non-reentrant form supports; using non-reentrant checkpointing for these layers", stacklevel=_CALLER)
     counters.record_checkpoint(module, "selective")
-    return torch.utils.checkpoint.checkpoint(function, *args, use_reentrant=False, context_fn=selective.context_fn,
-                                             **SAC_HOOKS, **torch_kwargs, **kwargs)
+    return torch.utils.checkpoint.checkpoint(function, *args, use_reentrant=False, context_fn=selective_cache.contexts,
+                                             **torch_kwargs, **kwargs)
 
 
 def run_recompute(function: Callable, args: tuple, kwargs: dict, *, module, frozen: bool, inputs_need_grad: bool,

@@ -7,8 +7,10 @@ elementwise ops, softmax, dropout) is recomputed. The matmuls hold most of a dec
 compute and the cheap ops most of its activation bytes, so this keeps most of checkpointing's
 recompute time and gives back part of its memory saving. Two exceptions (see policy): a batched
 matmul whose output outgrows its inputs (eager attention's Q·Kᵀ) and a fused attention with
-dropout are recomputed. The policy runs inside torch's selective checkpoint contexts, so RNG and
-autocast replay stay torch's own, and so selective is always non-reentrant (asking for reentrant
+dropout are recomputed. The policy runs inside torch's non-reentrant checkpoint, with the contexts
+of torchgc.selective_cache in eager mode (which never keep an output the layer changes afterwards)
+and with torch's selective checkpoint contexts (context_fn, below) inside a compiled region; RNG and
+autocast replay stay torch's own, and selective is always non-reentrant (asking for reentrant
 warns once and runs non-reentrant; the gradients are the same).
 """
 
@@ -74,4 +76,5 @@ def policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
     return CheckpointPolicy.MUST_SAVE
 
 
+# torch's selective checkpoint contexts with this policy: what the compiler applies (torchgc.compiled).
 context_fn = functools.partial(create_selective_checkpoint_contexts, policy)
