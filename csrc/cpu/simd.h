@@ -11,6 +11,13 @@
 #include <cstring>
 #include <type_traits>
 
+// The AVX2 copy widens and narrows 16-bit floats with the instructions made for it: GCC lowers the
+// vector extensions' conversions between 16- and 32-byte vectors lane group by lane group.
+#if defined(__AVX2__) && defined(__F16C__)
+#include <immintrin.h>
+#define TORCHGC_SIMD_AVX2 1
+#endif
+
 namespace simd {
 namespace {
 
@@ -18,7 +25,6 @@ typedef float f32x8 __attribute__((vector_size(32)));
 typedef uint32_t u32x8 __attribute__((vector_size(32)));
 typedef int32_t i32x8 __attribute__((vector_size(32)));
 typedef uint16_t u16x8 __attribute__((vector_size(16)));
-typedef _Float16 f16x8 __attribute__((vector_size(16)));
 
 constexpr int64_t kLanes = 8;
 
@@ -40,15 +46,20 @@ inline f32x8 load(const float* p) { return load_bits<f32x8>(p); }
 
 // bf16 is the high half of a float: widen and shift.
 inline f32x8 load(const c10::BFloat16* p) {
+#ifdef TORCHGC_SIMD_AVX2
+  const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return (f32x8)_mm256_slli_epi32(wide, 16);  // a vector cast reinterprets the bits
+#else
   const u32x8 wide = __builtin_convertvector(load_bits<u16x8>(p), u32x8) << 16;
-  return (f32x8)wide;  // a vector cast reinterprets the bits
+  return (f32x8)wide;
+#endif
 }
 
 // fp16 through F16C where the copy has it; the baseline copy converts lane by lane in plain C++
 // (GCC's vector conversion would call libgcc's helpers, which only GCC 12's libgcc has).
 inline f32x8 load(const c10::Half* p) {
-#ifdef __F16C__
-  return __builtin_convertvector(load_bits<f16x8>(p), f32x8);
+#ifdef TORCHGC_SIMD_AVX2
+  return (f32x8)_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
 #else
   f32x8 v;
   for (int i = 0; i < kLanes; ++i) {
@@ -69,11 +80,19 @@ inline u32x8 bf16_bits(f32x8 v) {
   return is_nan ? u32x8{} + 0x7FC0u : rounded;
 }
 
-inline void store(c10::BFloat16* p, f32x8 v) { store_bits(p, __builtin_convertvector(bf16_bits(v), u16x8)); }
+inline void store(c10::BFloat16* p, f32x8 v) {
+#ifdef TORCHGC_SIMD_AVX2
+  const __m256i bits = (__m256i)bf16_bits(v);
+  const __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(bits), _mm256_extracti128_si256(bits, 1));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), packed);  // exact: every lane is below 2^16
+#else
+  store_bits(p, __builtin_convertvector(bf16_bits(v), u16x8));
+#endif
+}
 
 inline void store(c10::Half* p, f32x8 v) {
-#ifdef __F16C__
-  store_bits(p, __builtin_convertvector(v, f16x8));
+#ifdef TORCHGC_SIMD_AVX2
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph((__m256)v, _MM_FROUND_TO_NEAREST_INT));
 #else
   for (int i = 0; i < kLanes; ++i) {
     p[i] = c10::Half(v[i]);
