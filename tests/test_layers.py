@@ -15,7 +15,7 @@ LAYERS = [
     ("options", ["torchgc.config"]),
     ("counters", ["torchgc.counters"]),
     ("measuring", ["torchgc.measuring"]),
-    ("strategies", ["torchgc.offload", "torchgc.selective", "torchgc.selective_cache", "torchgc.layer_calls", "torchgc.modes", "torchgc.compiled",
+    ("strategies", ["torchgc.offload", "torchgc.selective", "torchgc.selective_cache", "torchgc.routing", "torchgc.layer_calls", "torchgc.modes", "torchgc.compiled",
                     "torchgc.strategies"]),
     ("planner", ["torchgc.layer_cost", "torchgc.planner"]),
     ("norms", ["torchgc.norm_modules", "torchgc.fp32_logits", "torchgc.norm"]),

@@ -23,7 +23,7 @@ import torch
 import torch.utils.checkpoint
 from torch.utils import _pytree as pytree
 
-from torchgc import counters, ops, selective_cache
+from torchgc import counters, ops, routing, selective_cache
 from torchgc.layer_calls import any_tensor_requires_grad, is_frozen
 from torchgc.offload import OffloadPolicy, offload_hooks
 
@@ -68,7 +68,7 @@ def run_selective(function: Callable, args: tuple, kwargs: dict, *, module, use_
         warnings.warn("torchgc.checkpoint: strategy 'selective' is built on torch's checkpoint contexts (context_fn), which "
                       "only the non-reentrant form supports; using non-reentrant checkpointing for these layers", stacklevel=_CALLER)
     counters.record_checkpoint(module, "selective")
-    return torch.utils.checkpoint.checkpoint(function, *args, use_reentrant=False, context_fn=selective_cache.contexts,
+    return torch.utils.checkpoint.checkpoint(routing.replayed(function, module), *args, use_reentrant=False, context_fn=selective_cache.contexts,
                                              **torch_kwargs, **kwargs)
 
 
@@ -92,7 +92,8 @@ def run_recompute(function: Callable, args: tuple, kwargs: dict, *, module, froz
         hooks = offload_hooks(dataclasses.replace(offload, keep=frozenset(keep)))
     counters.record_checkpoint(module, "checkpoint" if isinstance(hooks, contextlib.nullcontext) else "offload")
     with hooks:
-        return torch.utils.checkpoint.checkpoint(function, *args, use_reentrant=use_reentrant, **torch_kwargs, **kwargs)
+        return torch.utils.checkpoint.checkpoint(routing.replayed(function, module), *args, use_reentrant=use_reentrant,
+                                                 **torch_kwargs, **kwargs)
 
 
 def wants_offload(policy: Optional[OffloadPolicy], args: tuple) -> bool:
