@@ -17,6 +17,7 @@ import torchgc.integrations.transformers as hf_integration
 import torchgc.patching as tgc_patch
 from patch_helpers import TRANSFORMERS_MAJOR
 from tiny_models import TINY_CONFIGS, batch, build
+import torchgc.integrations.transformers_layers as hf_layers
 from torchgc.integrations.transformers_layers import is_torchgc_function
 
 pytestmark = pytest.mark.usefixtures("clean_patch")
@@ -311,10 +312,13 @@ def test_remote_code_overrides_are_respected():
 
 def test_a_foreign_instance_override_that_bypasses_torchgc_warns_once_naming_it():
     # What another framework does (as LLaMA-Factory 0.9.5 did): its own enable set on the instance
-    # with MethodType, hiding torchgc's class-level one and installing torch's checkpoint.
+    # with MethodType, hiding torchgc's class-level one and installing a checkpoint function of its
+    # own (torch's own checkpoint is routed instead: see the next test).
+    def framework_checkpoint(function, *args, **kwargs):
+        return torch.utils.checkpoint.checkpoint(function, *args, use_reentrant=False, **kwargs)
+
     def framework_enable(self, gradient_checkpointing_kwargs=None):
-        func = functools.partial(torch.utils.checkpoint.checkpoint, use_reentrant=False)
-        self._set_gradient_checkpointing(enable=True, gradient_checkpointing_func=func)
+        self._set_gradient_checkpointing(enable=True, gradient_checkpointing_func=framework_checkpoint)
 
     torchgc.patch()
     with warnings.catch_warnings(record=True) as caught:
@@ -328,8 +332,28 @@ def test_a_foreign_instance_override_that_bypasses_torchgc_warns_once_naming_it(
     messages = [str(w.message) for w in caught if "past torchgc" in str(w.message)]
     assert len(messages) == 1, messages
     for fragment in ["gradient checkpointing of LlamaForCausalLM was enabled by an instance-level gradient_checkpointing_enable",
-                     "framework_enable", "torch.utils.checkpoint.checkpoint", "torchgc's options do not apply"]:
+                     "framework_enable", "framework_checkpoint", "torchgc's options do not apply"]:
         assert fragment in messages[0], messages[0]
+
+
+def test_torchs_own_checkpoint_given_to_the_layers_past_torchgc_is_routed_through_it(checkpoint_calls):
+    # transformers' own enable captured before patch() (TRL's selective wrapper does that), or a
+    # direct call, gives the layers torch's checkpoint: torchgc takes its place, keywords kept.
+    original_enable = PreTrainedModel.gradient_checkpointing_enable
+    model = build("llama", layers=2)
+    model.gradient_checkpointing_enable = functools.partial(original_enable, model)
+    torchgc.patch(strategy="checkpoint")
+    other = build("llama", layers=2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True, "preserve_rng_state": False})
+        other._set_gradient_checkpointing(enable=True)  # torch's checkpoint by default
+    assert not [str(w.message) for w in caught if "past torchgc" in str(w.message)]
+    for m in (model, other):
+        assert {is_torchgc_function(f) for f in hf_layers.checkpoint_functions(m)} == {True}
+    model(**batch()).loss.backward()
+    assert len(checkpoint_calls) == 2
+    assert all(c["strategy"] == "checkpoint" and c["use_reentrant"] is True and c["preserve_rng_state"] is False for c in checkpoint_calls)
 
 
 @pytest.mark.skipif(not HAS_ACTIVATION_API, reason="this transformers has no activation_checkpointing_enable")
@@ -356,6 +380,23 @@ def test_selective_checkpointing_wrapper_of_trl_reaches_torchgc(checkpoint_calls
     result = forward_backward(model)
     assert len(checkpoint_calls) == 2 and all("context_fn" in c for c in checkpoint_calls)
     assert all(torch.equal(reference[n], result[n]) for n in reference)
+
+
+@pytest.mark.parametrize("kwargs", [{"strategy": "selective"}, {"memory_budget": 0.5}])
+def test_a_context_fn_beside_torchgcs_own_choice_of_what_to_keep_is_dropped_with_one_warning(kwargs, checkpoint_calls):
+    # TRL's {"selective": True} passes a context_fn; strategy selective (torchgc's policy) and a
+    # memory budget (which picks selective itself for some layers) choose what each layer keeps.
+    context_fn = functools.partial(torch.utils.checkpoint.create_selective_checkpoint_contexts, lambda *a, **k: False)
+    torchgc.patch()
+    model = build("llama", layers=2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            model.gradient_checkpointing_enable({**kwargs, "context_fn": context_fn, "use_reentrant": False})
+    messages = [str(w.message) for w in caught if "context_fn" in str(w.message)]
+    assert len(messages) == 1 and "is not used" in messages[0] and "create_selective_checkpoint_contexts" in messages[0], messages
+    forward_backward(model)
+    assert checkpoint_calls and not any("context_fn" in c for c in checkpoint_calls)
 
 
 # --- bad configuration ----------------------------------------------------------------------

@@ -104,15 +104,21 @@ _warned_bypass = set()
 
 def _checking(set_gradient_checkpointing):
     """transformers' _set_gradient_checkpointing, which every enable ends in, with its signature
-    (torchgc reads it), warning once when the function it installs on the layers is not torchgc's:
-    an override (LLaMA-Factory's is routed; another framework's MethodType, remote code) enabled
-    checkpointing past torchgc."""
+    (torchgc reads it). torch's own checkpoint arriving here (transformers' original enable, captured
+    before patch() by a wrapper such as TRL's selective one, or a direct call) is routed through
+    torchgc with its keywords, so patch() works before or after such a wrapper is built. Any other
+    function that is not torchgc's warns once: an override (LLaMA-Factory's is routed; another
+    framework's MethodType, remote code) enabled checkpointing past torchgc."""
 
     @functools.wraps(set_gradient_checkpointing)
     def _set_gradient_checkpointing(self, *args, **kwargs):
         enable = kwargs.get("enable", args[0] if args else True)
         function = kwargs.get("gradient_checkpointing_func", args[1] if len(args) > 1 else None)
         if enable and not is_torchgc_function(function):
+            keywords = hf.torch_checkpoint_keywords(function)
+            options = current_options()
+            if keywords is not None and options is not None:
+                return hf.enable(self, keywords, options=options)
             _warn_bypass(self, function)
         return set_gradient_checkpointing(self, *args, **kwargs)
 

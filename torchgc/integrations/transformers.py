@@ -16,10 +16,11 @@ import warnings
 from typing import Any, Callable, Dict, Optional
 
 import torch
+import torch.utils.checkpoint
 
 from torchgc import config, ops, planner, strategies
 from torchgc.integrations import distributed
-from torchgc.integrations.transformers_layers import decoder_layers
+from torchgc.integrations.transformers_layers import decoder_layers, describe
 
 ENABLE = "gradient_checkpointing_enable"
 DISABLE = "gradient_checkpointing_disable"
@@ -39,6 +40,7 @@ class _ModelState:
         self.saved_use_cache: list = []  # (config, value) pairs set to False by enable
         self.norm_handles: Dict[str, Any] = {}
         self.warned_fsdp2 = False
+        self.warned_context_fn = False
         self.planner: Optional[planner.Planner] = None  # the chooser of modes under a memory budget
 
 
@@ -98,6 +100,7 @@ def enable(
         call_kwargs.setdefault("strategy", "offload")
     base = config.resolve(function, {}) if options is None else options
     options, torch_kwargs = _split_kwargs(function, argument, base, call_kwargs, every_n_layers)
+    torch_kwargs = _without_a_second_policy(state, options, torch_kwargs, function, argument)
     _norm_transforms_to_apply(state, options, function)  # fails here, before anything changes, if it must
     if options.strategy == "offload":
         _require_offload_ops(function)
@@ -137,6 +140,35 @@ def _split_kwargs(function: str, argument: str, base: config.Options, kwargs: Di
     if every_n_layers != 1:
         options = config.checked_together(function, dataclasses.replace(options, every_n_layers=every_n_layers))
     return options, forwarded
+
+
+def _without_a_second_policy(state: _ModelState, options: config.Options, torch_kwargs: dict, function: str, argument: str) -> dict:
+    """torch_kwargs without a context_fn where torchgc chooses what each layer keeps itself: strategy
+    selective brings its policy, and a memory budget picks each layer's mode (selective included)
+    from measurements made without one. TRL's {"selective": True} passes such a context_fn (its
+    policy keeps attention outputs, a subset of what torchgc's selective keeps). One warning per model."""
+    if "context_fn" not in torch_kwargs or (options.strategy != "selective" and options.memory_budget is None):
+        return torch_kwargs
+    if not state.warned_context_fn:
+        why = ("strategy 'selective' applies torchgc's selective policy (it keeps the outputs of matmuls and attention)"
+               if options.strategy == "selective" else "memory_budget chooses each layer's mode, selective included, itself")
+        warnings.warn(f"{function}: {argument}['context_fn'] ({describe(torch_kwargs['context_fn'])}) is not used: {why}. "
+                      "To use that context_fn instead, choose strategy 'checkpoint' and no memory_budget", stacklevel=4)
+        state.warned_context_fn = True
+    return {k: v for k, v in torch_kwargs.items() if k != "context_fn"}
+
+
+def torch_checkpoint_keywords(function: Optional[Callable]) -> Optional[dict]:
+    """The keywords of a layers' checkpoint function that is torch's own checkpoint (None stands for
+    it: transformers' default) or a functools.partial of it, as transformers' own enable builds
+    (partial(checkpoint, **gradient_checkpointing_kwargs)); None for any other function."""
+    keywords: Dict[str, Any] = {}
+    if function is None:
+        return keywords
+    while isinstance(function, functools.partial) and not function.args:
+        keywords = {**function.keywords, **keywords}
+        function = function.func
+    return keywords if function is torch.utils.checkpoint.checkpoint else None
 
 
 def _use_reentrant(model, state: _ModelState, options: config.Options, function: str) -> bool:
