@@ -238,8 +238,13 @@ def test_console_scripts_are_found_on_the_path(tmp_path):
     done = _launch([sys.executable, "-m", "torchgc", "run", "tgc-probe-tool", str(tmp_path / "out.txt")], cwd=tmp_path, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     assert (tmp_path / "out.txt").read_text() == "torchgc.patching"
-    done = _launch([sys.executable, "-m", "torchgc", "run", "not-python"], cwd=tmp_path, env=env)
-    assert done.returncode != 0 and "is not a Python script" in done.stderr
+    # Any other executable runs in place of the launcher (issue 22; it used to stop with "is not a
+    # Python script"), its exit status kept: tests/test_run_executable.py runs Python behind one.
+    (bin_dir / "not-python").write_text("#!/bin/sh\necho hi \"$@\"\nexit 3\n")
+    done = _launch([sys.executable, "-m", "torchgc", "run", "not-python", "a", "b"], cwd=tmp_path, env=env)
+    assert (done.returncode, done.stdout) == (3, "hi a b\n"), done.stderr[-3000:]
+    done = _launch([sys.executable, "-m", "torchgc", "run", "tgc-no-such-program"], cwd=tmp_path, env=env)
+    assert done.returncode != 0 and "no such script or executable: tgc-no-such-program" in done.stderr
 
 
 # An unmodified HF Trainer script under `accelerate launch` with an FSDP2 config, 2 CPU processes.

@@ -9,7 +9,7 @@ import os
 import runpy
 import shutil
 import sys
-from typing import Callable, List, Optional
+from typing import Callable, List, Optional, Tuple
 
 from torchgc import config
 
@@ -40,17 +40,20 @@ def _add_patch_options(parser: argparse.ArgumentParser) -> None:
 def _add_run(subparsers) -> None:
     parser = subparsers.add_parser(
         "run",
-        help="run a Python program with torchgc.patch() applied, in every process it starts",
+        help="run a program with torchgc.patch() applied, in every Python process it starts",
         description="Applies torchgc.patch(), then runs the script, console script (llamafactory-cli, torchrun, "
         "accelerate) or -m module as __main__ with its arguments, so an unmodified training program checkpoints "
-        "through torchgc. Python processes it starts (torchrun and accelerate workers) are patched with the same options.",
+        "through torchgc. Any other executable (python itself, a shell script) runs in place of this process. Python "
+        "processes started either way (torchrun and accelerate workers, the script behind the executable) are patched "
+        "with the same options.",
     )
     _add_patch_options(parser)
     parser.add_argument("--report", metavar="DIR", help="at exit, write what torchgc did (checkpoint calls by strategy and layer, "
                         "bytes offloaded, fused norm calls) to DIR/torchgc-<pid>.json, from this process and every one it starts")
     # As with `python -m`, everything after the script or after `-m MODULE` is the program's own.
     parser.add_argument("-m", dest="module", nargs=argparse.REMAINDER, metavar="MODULE ...", help="run a module, as python -m does")
-    parser.add_argument("target", metavar="script.py", help="the script to run, or a console script on PATH", nargs="?")
+    parser.add_argument("target", metavar="script.py", nargs="?",
+                        help="the script to run, a console script on PATH, or any executable (python, /path/to/python, a shell script)")
     parser.add_argument("args", nargs=argparse.REMAINDER, help="the script's arguments")
     parser.set_defaults(handler=_run)
 
@@ -68,21 +71,21 @@ def _export_to_child_processes(given: dict) -> None:
     os.environ["PYTHONPATH"] = STARTUP_DIR + (os.pathsep + path if path else "")
 
 
-def _find_script(name: str) -> str:
-    if os.path.exists(name):
-        return name
-    # A console script (llamafactory-cli, torchrun, accelerate): a Python file on PATH.
-    found = shutil.which(name)
-    if found is None:
-        raise SystemExit(f"torchgc run: no such script: {name}")
-    if not _is_python_script(found):
-        raise SystemExit(f"torchgc run: {found} is not a Python script, so torchgc cannot run it in this process")
-    return found
+def _find_program(name: str) -> Tuple[str, bool]:
+    """The program's path, and whether it is Python that runs in this process (a script, a console
+    script, a folder or zip with __main__.py) rather than an executable to run in its place."""
+    path = name if os.path.exists(name) else shutil.which(name)
+    if path is None:
+        raise SystemExit(f"torchgc run: no such script or executable: {name}")
+    in_process = os.path.isdir(path) or _is_python_source(path) or not os.access(path, os.X_OK)
+    return path, in_process
 
 
-def _is_python_script(path: str) -> bool:
+def _is_python_source(path: str) -> bool:
+    if path.endswith((".py", ".pyw", ".pyz")):
+        return True
     with open(path, "rb") as f:
-        first = f.readline()
+        first = f.read(256).split(b"\n", 1)[0]
     return first.startswith(b"#!") and b"python" in first
 
 
@@ -90,25 +93,35 @@ def _run(args: argparse.Namespace) -> int:
     import torchgc
 
     options = {name: getattr(args, name) for name in config.OPTION_NAMES}
-    torchgc.patch(**options)
+    if args.module is None and args.target is None:
+        raise SystemExit("torchgc run: give a script to run, or -m MODULE")
+    if args.module is not None and not args.module:
+        raise SystemExit("torchgc run: -m needs a module name, as in: torchgc run -m MODULE [args ...]")
+    program, in_process = _find_program(args.target) if args.module is None else (None, True)
+    if in_process:
+        torchgc.patch(**options)
+    else:
+        config.resolve("torchgc run", options)  # a bad option stops here, not in the program's first Python process
     _export_to_child_processes(options)
     if args.report:
         os.environ[config.REPORT_VARIABLE] = os.path.abspath(args.report)
-        atexit.register(torchgc.counters.write_report, os.path.abspath(args.report))
+        if in_process:
+            atexit.register(torchgc.counters.write_report, os.path.abspath(args.report))
+    if not in_process:
+        # The executable replaces this process (its exit status and signals are its own); the Python
+        # processes it starts patch themselves from the environment, as torchrun's workers do.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.execv(program, [args.target, *args.args])
     if args.module is not None:
-        if not args.module:
-            raise SystemExit("torchgc run: -m needs a module name, as in: torchgc run -m MODULE [args ...]")
         module, *module_args = args.module
         sys.argv = [module, *module_args]
         runpy.run_module(module, run_name="__main__", alter_sys=True)
         return 0
-    if args.target is None:
-        raise SystemExit("torchgc run: give a script to run, or -m MODULE")
-    script, script_args = _find_script(args.target), list(args.args)
-    sys.argv = [script, *script_args]
+    sys.argv = [program, *args.args]
     # As `python script.py` does: the script's directory comes first on the import path.
-    sys.path.insert(0, os.path.dirname(os.path.abspath(script)))
-    runpy.run_path(script, run_name="__main__")
+    sys.path.insert(0, os.path.dirname(os.path.abspath(program)))
+    runpy.run_path(program, run_name="__main__")
     return 0
 
 
