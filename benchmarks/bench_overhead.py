@@ -5,7 +5,9 @@ Three copies of one model train side by side, each enabled the way a user enable
   none     no checkpointing (for scale)
   hf       transformers' own model.gradient_checkpointing_enable()
   torchgc  torchgc.patch(strategy=...) and then the same model.gradient_checkpointing_enable()
-Both checkpointing runs take their defaults otherwise (the same use_reentrant). Steps run in
+Both checkpointing runs take their defaults otherwise (the same use_reentrant). For an MoE model,
+torchgc's time includes replaying each layer's routing in its recompute (transformers' own does not
+replay it), and the bytes kept for that are printed. Steps run in
 pairs whose order alternates, so drift on a shared machine weighs on both alike. A step is one
 forward and backward on random tokens; its time over the number of decoder layers is the
 per-layer time. The figure to read is the median of torchgc's step time over hf's, pair by pair.
@@ -73,6 +75,18 @@ def paired_step_times(models: Dict[str, torch.nn.Module], inputs: dict, steps: i
     return times
 
 
+def routing_bytes_per_layer_call(model: torch.nn.Module, inputs: dict) -> float:
+    """What torchgc keeps per checkpointed layer call to replay an MoE layer's routing (0 for a
+    dense model), from torchgc.stats() over one step."""
+    import torchgc
+
+    torchgc.reset_stats()
+    training_step(model, inputs)()
+    model.zero_grad(set_to_none=True)
+    stats = torchgc.stats()
+    return stats["routing_bytes_kept"] / max(1, sum(stats["checkpoint_calls"].values()))
+
+
 def summarize(times: Dict[str, list], layers: int) -> dict:
     ratios = sorted(t / h for t, h in zip(times["torchgc"], times["hf"]))
     quartiles = statistics.quantiles(ratios, n=4)
@@ -95,6 +109,8 @@ def render(summary: dict, settings: dict) -> str:
     low, high = summary["torchgc_over_hf_quartiles"]
     lines.append(f"torchgc / hf per-layer time: median {summary['torchgc_over_hf']:.3f} over {settings['steps']} pairs of steps "
                  f"(quartiles {low:.3f} to {high:.3f})")
+    if summary.get("routing_bytes_per_layer_call"):
+        lines.append(f"routing replay: {summary['routing_bytes_per_layer_call']:.0f} bytes of expert choices kept per layer call")
     return "\n".join(lines)
 
 
@@ -128,8 +144,9 @@ def main(argv=None) -> int:
     layers = models["none"].config.num_hidden_layers
     generator = torch.Generator().manual_seed(0)
     input_ids = torch.randint(0, models["none"].config.vocab_size, (args.batch_size, args.seq_len), generator=generator).to(device)
-    times = paired_step_times(models, {"input_ids": input_ids, "labels": input_ids}, args.steps, args.warmup)
-    summary = summarize(times, layers)
+    inputs = {"input_ids": input_ids, "labels": input_ids}
+    times = paired_step_times(models, inputs, args.steps, args.warmup)
+    summary = {**summarize(times, layers), "routing_bytes_per_layer_call": routing_bytes_per_layer_call(models["torchgc"], inputs)}
     settings = {"model": type(models["none"]).__name__, "layers": layers, "batch_size": args.batch_size, "seq_len": args.seq_len,
                 "device": str(device), "threads": args.threads, "steps": args.steps, "strategy": args.strategy, "config": config}
     print(render(summary, settings))

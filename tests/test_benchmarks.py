@@ -41,11 +41,16 @@ def test_norm():
     assert "rms norm" in done.stdout and "layer norm" in done.stdout and "ceiling (a)/(d)" in done.stdout
 
 
-def test_overhead(tmp_path):
-    done = run_benchmark("overhead", "--layers", "2", "--steps", "3", "--warmup", "0", "--json", str(tmp_path / "overhead.json"))
+@pytest.mark.parametrize("config", [None, "qwen3-moe-tiny.json"])
+def test_overhead(tmp_path, config):
+    extra = [] if config is None else ["--config", str(RUN.parent / config)]
+    done = run_benchmark("overhead", "--layers", "2", "--steps", "3", "--warmup", "0", "--json", str(tmp_path / "overhead.json"), *extra)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "torchgc / hf per-layer time: median" in done.stdout
-    assert json.loads((tmp_path / "overhead.json").read_text())["settings"]["layers"] == 2
+    result = json.loads((tmp_path / "overhead.json").read_text())
+    assert result["settings"]["layers"] == 2
+    # The MoE model's routing is replayed: batch 1 x 32 tokens x top-2 experts, as int16.
+    assert result["routing_bytes_per_layer_call"] == (0 if config is None else 1 * 32 * 2 * 2), result["routing_bytes_per_layer_call"]
 
 
 @pytest.mark.parametrize("args", [[], ["nosuch"]])

@@ -138,4 +138,6 @@ def test_the_recompute_replays_the_forwards_routing(flaky_router, strategy, use_
         grads, stats, layers = step(flaky_qwen3_moe, strategy, use_reentrant)
     assert not [str(w.message) for w in caught if "non-reentrant" in str(w.message)], "the reentrant form did not run"
     assert stats["checkpoint_calls"] == {strategy: len(layers)}, stats
+    assert stats["routing_decisions_replayed"] == len(layers), stats  # one top-k per layer, replayed in its recompute
+    assert stats["routing_bytes_kept"] == len(layers) * 2 * 16 * 2 * 2, stats  # batch 2 x 16 tokens x top-2, int16
     assert_same_grads(expected, grads)

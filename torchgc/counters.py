@@ -1,5 +1,5 @@
 """What torchgc did in this process, counted where it happens: checkpoint calls by strategy and by
-layer, bytes offloaded, fused norm calls, fp32 logits. `torchgc.stats()` returns snapshot(); `torchgc run
+layer, bytes offloaded, routing decisions kept and replayed, fused norm calls, fp32 logits. `torchgc.stats()` returns snapshot(); `torchgc run
 --report DIR` writes it at exit, one file per process, so a run can show that torchgc was active
 in every worker. Counting is a dict update per call; nothing here synchronizes a device."""
 
@@ -15,7 +15,8 @@ import torch
 # Python runs once, at trace time.
 _calls: Dict[str, int] = {}
 _layers: Dict[int, list] = {}  # id(module) -> [class name, {how: calls}], in the order first seen
-_counters: Dict[str, int] = {"offloaded_bytes": 0, "fused_norm_calls": 0, "fp32_logits_calls": 0}
+_counters: Dict[str, int] = {"offloaded_bytes": 0, "routing_bytes_kept": 0, "routing_decisions_replayed": 0, "fused_norm_calls": 0,
+                             "fp32_logits_calls": 0}
 
 
 def record_checkpoint(module, how: str) -> None:
@@ -34,7 +35,9 @@ def add(counter: str, amount: int = 1) -> None:
 
 def snapshot() -> dict:
     """{"checkpoint_calls": {how: n}, "layer_calls": [[class, {how: n}], ...] (layers in the order of
-    their first call), "offloaded_bytes", "fused_norm_calls", "fp32_logits_calls"}."""
+    their first call), "offloaded_bytes", "routing_bytes_kept" (the MoE routing decisions kept for
+    recomputes, summed over forwards), "routing_decisions_replayed", "fused_norm_calls",
+    "fp32_logits_calls"}."""
     layers = [[name, dict(counts)] for name, counts in _layers.values()]
     return {"checkpoint_calls": dict(_calls), "layer_calls": layers, **_counters}
 

@@ -29,6 +29,8 @@ import torch
 from torch.overrides import TorchFunctionMode, _get_current_function_mode
 from torch.utils._python_dispatch import _disable_current_modes, _len_torch_dispatch_stack
 
+from torchgc import counters
+
 _ROUTER_CLASS = re.compile(r"Router|Gating")
 _ROUTER_NAMES = frozenset({"gate", "router", "router_gate"})
 _DECISIONS = {torch.topk: "topk", torch.Tensor.topk: "topk", torch.argmax: "argmax", torch.Tensor.argmax: "argmax"}
@@ -122,6 +124,7 @@ class _Decisions:
         with _unseen():
             indices = _compact(out.indices if kind == "topk" else out, scores.numel() if dim is None else scores.shape[dim])
         self.kept.append((kind, scores.shape, indices))
+        counters.add("routing_bytes_kept", indices.numel() * indices.element_size())
         return out
 
     def replay(self, func, args: tuple, kwargs: dict):
@@ -132,6 +135,7 @@ class _Decisions:
                                f"{kind} over {list(scores.shape)}, and its forward made {made}")
         kept = self.kept[self.next][2]
         self.next += 1
+        counters.add("routing_decisions_replayed")
         with _unseen():
             indices = kept.long()
         if kind == "argmax":
