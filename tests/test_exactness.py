@@ -1,16 +1,19 @@
-"""Gradients that torchgc gets silently wrong today (issue 22, items 1 to 3): each test asserts the
-exact gradient of the same model without checkpointing (bitwise, CPU fp32) and fails until the fix.
+"""Gradients that torchgc used to get silently wrong (issue 22, items 1 to 3), each asserted equal to
+those of the same model without checkpointing (bitwise, CPU fp32), on every transformers torchgc
+supports (the overlays 4.57.6 and 5.23.0 too).
 
-1. transformers 5.x records router logits (and hidden states, attentions) with forward hooks on
-   modules inside the checkpointed layer. Reentrant checkpointing runs the layer's forward under
-   no_grad, so the router logits the hooks record carry no graph, and the MoE load-balancing loss
-   built from them sends no gradient back to the routers or any layer below.
+1. transformers records router logits (and hidden states, attentions) from modules inside the
+   checkpointed layer (5.x with forward hooks, 4.57 with wrappers of their forward). Reentrant
+   checkpointing runs the layer's forward under no_grad, so the router logits it records carry no
+   graph, and the MoE load-balancing loss built from them would send no gradient back to the routers
+   or any layer below: torchgc runs those calls non-reentrant.
 2. `selective` keeps a 4-D matmul's output (torch.matmul runs bmm and returns an _unsafe_view of
    it, with a version counter of its own), the layer then changes it in place (T5:
-   `scores += position_bias`), and the recompute reads the changed values: the bias is added twice.
+   `scores += position_bias`), and the recompute would read the changed values (the bias added
+   twice): torchgc drops a kept output that is written into, and the recompute computes it again.
 3. A router that breaks a tie one way in the forward and the other way in the recompute (as bf16
-   GPU kernels that are not bitwise reproducible do with near-ties) sends tokens to other experts
-   in the recompute. The recompute must replay the forward's routing, in every strategy."""
+   GPU kernels that are not bitwise reproducible do with near-ties) would send tokens to other
+   experts in the recompute: torchgc replays the forward's routing, in every strategy."""
 
 import re
 import warnings

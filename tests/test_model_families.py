@@ -5,8 +5,8 @@ CPU fp32 (the recompute runs the same kernels on the same inputs in the same ord
 under reentrant checkpointing (see assert_close_grads). torchgc.stats() shows which layers ran
 through torchgc: every GradientCheckpointingLayer, the vision blocks of the VLM included.
 
-Cells wrong today (issue 22) are in tests/test_exactness.py, not here: Qwen3-MoE's load-balancing
-loss under reentrant checkpointing, and T5 under `selective`."""
+Three cells are tested in tests/test_exactness.py instead, beside what made them wrong before issue
+22: Qwen3-MoE's load-balancing loss under reentrant checkpointing, and T5 under `selective`."""
 
 import pytest
 

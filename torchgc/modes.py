@@ -7,10 +7,12 @@
 - selective: torch's non-reentrant checkpoint with torchgc.selective_cache's contexts, which keep
   the outputs of torchgc.selective's policy (non-reentrant only).
 
+In every mode, the recompute of an MoE layer replays the routing of its forward (torchgc.routing).
+
 The reentrant form has gaps that this closes: a layer whose inputs need no gradient gets a view of
 one that does (else its parameter gradients are lost), tensors passed as keywords travel as
 positional inputs (else their gradients are), and a registered check (add_reentrant_check) can
-make one call non-reentrant where a training stack's rules say reentrant would fail.
+make one call non-reentrant where a training stack's rules say reentrant would go wrong.
 """
 
 import contextlib
