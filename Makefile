@@ -21,7 +21,7 @@ TEST_DEPS := torch transformers peft accelerate trl datasets pytest hypothesis n
 OVERLAY_DIR := $(VENV)/overlays
 OVERLAYS := $(shell sed -n 's/^\#overlay \([^ ]*\) .*/\1/p' $(CONSTRAINTS))
 overlay-pins = $(shell sed -n 's/^\#overlay $(1) //p' $(CONSTRAINTS))
-PATCH_TESTS := $(wildcard tests/test_patch*.py)
+PATCH_TESTS := $(wildcard tests/test_patch*.py) tests/test_exactness.py tests/test_trl_edge_cases.py
 
 .PHONY: venv build-venv gtest wheel build test pytest ctest ctest-asan test-wheel demo gpu-check clean overlays pytest-overlays FORCE
 
@@ -87,11 +87,11 @@ $(OVERLAY_DIR)/%/.installed: $(OVERLAY_DIR)/%.pins | venv
 .PRECIOUS: $(OVERLAY_DIR)/%.pins $(OVERLAY_DIR)/%/.installed
 overlays: $(OVERLAYS:%=$(OVERLAY_DIR)/%/.installed)
 
-# The patch tests once more under each transformers overlay, after checking that its transformers
-# is the one imported.
+# The patch and exactness tests once more under each transformers overlay, after checking that
+# its transformers is the one imported.
 pytest-overlays: build overlays
 	@for o in $(filter transformers-%,$(OVERLAYS)); do \
-	  echo "== tests/test_patch*.py with $$o"; \
+	  echo "== $(PATCH_TESTS) with $$o"; \
 	  export PYTHONPATH=$(abspath $(OVERLAY_DIR))/$$o; \
 	  $(PY) -c "import sys, transformers; v = transformers.__version__; sys.exit(None if v == '$${o#transformers-}' else '$$o: transformers ' + v + ' was imported')" || exit 1; \
 	  $(PY) -m pytest -q -ra -p no:cacheprovider $(PATCH_TESTS) || exit 1; \
