@@ -2,24 +2,16 @@
 launcher, and the reports of the workers it started."""
 
 import json
-import shutil
 import sys
 from pathlib import Path
 
-from process_helpers import run_bounded
-
-# gloo's threads sometimes abort a worker at exit after training has finished, with or without
-# torchgc (see tests/test_cli.py): that abort, and only it, gets one more try.
-GLOO_EXIT_ABORT = "terminate called without an active exception"
+from process_helpers import run_launcher
 
 
 def torchgc_launch(program, report: Path, cwd: Path, env: dict):
     """Runs `torchgc run --report REPORT program...` and asserts that it succeeded."""
     command = [sys.executable, "-m", "torchgc", "run", "--report", str(report), *program]
-    done = run_bounded(command, cwd=cwd, env=env)
-    if done.returncode != 0 and GLOO_EXIT_ABORT in done.stderr:
-        shutil.rmtree(report, ignore_errors=True)
-        done = run_bounded(command, cwd=cwd, env=env)
+    done = run_launcher(command, cwd=cwd, env=env, outputs=[report])
     assert done.returncode == 0, done.stderr[-5000:]
 
 
