@@ -92,7 +92,6 @@ def _load(path: Path) -> None:
 def load() -> BuildInfo:
     """Loads the op libraries and returns what they hold; raises ImportError naming the cause and
     the fix when they are missing, or cannot run with the installed torch."""
-    check_torch_supported()
     build = read_build()
     with_cuda = check_cuda_match(build, torch.version.cuda)
     _load(_PACKAGE_DIR / "_C.so")

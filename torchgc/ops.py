@@ -85,19 +85,22 @@ def supports(op: str, device: "torch.device | str") -> bool:
     return missing_kernel(op, device) is None
 
 
-_warned_fallbacks = set()
+_usable = {}  # (op, device type) -> whether the loaded libraries run it there
 
 
-# Under torch.compile this runs at trace time (no graph break); the answer is fixed per process.
+# Under torch.compile this runs at trace time (no graph break); the answer is fixed per process,
+# and asked on every layer and norm call on an accelerator, so it is kept after the first.
 @torch.compiler.assume_constant_result
 def usable_on(op: str, device_type: str, instead: str) -> bool:
     """supports(op, device_type), warning once per op and device type when it does not, naming
     why and what runs `instead`."""
-    why = missing_kernel(op, device_type)
-    if why is not None and (op, device_type) not in _warned_fallbacks:
-        _warned_fallbacks.add((op, device_type))
-        warnings.warn(f"torchgc: {why}; on {device_type}, {instead}", stacklevel=3)
-    return why is None
+    usable = _usable.get((op, device_type))
+    if usable is None:
+        why = missing_kernel(op, device_type)
+        if why is not None:
+            warnings.warn(f"torchgc: {why}; on {device_type}, {instead}", stacklevel=3)
+        usable = _usable[(op, device_type)] = why is None
+    return usable
 
 
 class HostPoolStats(NamedTuple):
